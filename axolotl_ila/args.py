@@ -1,0 +1,166 @@
+"""The ``ila_`` config keys, validated where axolotl validates its own config.
+
+axolotl merges this model into its config schema (``get_input_args``), so every
+check here runs at config load, before any dataset or weight is touched.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from axolotl_ila.selection import RANKED_STRATEGIES, STRATEGIES
+
+SUPPORTED_ADAPTERS = (None, "lora", "qlora")
+
+
+def _open_unit(key: str, value: float | None) -> float | None:
+    if value is not None and not 0.0 < value < 1.0:
+        raise ValueError(f"{key} must be between 0 and 1 (exclusive), got {value}; e.g. {key}: 0.25")
+    return value
+
+
+class ILAArgs(BaseModel):
+    """Input args for ILA (learned layer importance)."""
+
+    ila_ranking: str | None = Field(
+        default=None,
+        json_schema_extra={"description": "Path of the ranking JSON: loaded if present and valid, else written by the search."},
+    )
+    ila_search: Literal["auto", "always", "never"] = Field(
+        default="auto",
+        json_schema_extra={"description": "auto: search only when no ranking is at ila_ranking; always: search and refresh it; never: a valid ranking must exist."},
+    )
+    ila_drop_fraction: float | None = Field(
+        default=None,
+        json_schema_extra={"description": "Drop the adapters of this fraction of least important modules (default 0.25)."},
+    )
+    ila_keep_fraction: float | None = Field(
+        default=None,
+        json_schema_extra={"description": "Keep adapters only on this fraction of most important modules (efficiency mode, 0.1-0.3)."},
+    )
+    ila_strategy: str = Field(
+        default="ila",
+        json_schema_extra={"description": f"Importance order: {', '.join(STRATEGIES)}."},
+    )
+    ila_seed: int = Field(default=42, json_schema_extra={"description": "Seed of the `random` strategy."})
+
+    # Search, stage 1 (warm-up): LoRA on every targeted module until the loss is stable.
+    ila_warmup_fraction: float = Field(
+        default=0.25,
+        json_schema_extra={"description": "Cap of the warm-up as a fraction of the planned training steps."},
+    )
+    ila_warmup_max_steps: int | None = Field(
+        default=None,
+        json_schema_extra={"description": "Absolute cap of the warm-up in optimizer steps (overrides ila_warmup_fraction)."},
+    )
+    ila_warmup_min_steps: int = Field(
+        default=10, json_schema_extra={"description": "Never stop the warm-up before this many steps."}
+    )
+    ila_stability_window: int = Field(
+        default=10,
+        json_schema_extra={"description": "Steps per window of the smoothed loss used for the stability test."},
+    )
+    ila_stability_tolerance: float = Field(
+        default=0.02,
+        json_schema_extra={"description": "Stop the warm-up once the relative change of the windowed mean loss stays below this."},
+    )
+    ila_search_learning_rate: float | None = Field(
+        default=None,
+        json_schema_extra={"description": "Warm-up learning rate; default `learning_rate` for LoRA/QLoRA, 2e-4 for full fine-tuning."},
+    )
+    ila_search_lora_r: int | None = Field(
+        default=None,
+        json_schema_extra={"description": "LoRA rank of the search; default `lora_r`, or 16 for full fine-tuning."},
+    )
+
+    # Search, stage 2 (gates): one sigmoid gate per module, everything else frozen.
+    ila_gate_steps: int = Field(default=128, json_schema_extra={"description": "Batches of gate training (paper: 128)."})
+    ila_gate_lr: float = Field(default=0.05, json_schema_extra={"description": "Step size of the gate scores."})
+    ila_gate_budget: float = Field(
+        default=0.5,
+        json_schema_extra={"description": "Mean gate value allowed (the open-gate budget H/n); lower is a stronger budget."},
+    )
+
+    @field_validator("ila_drop_fraction", "ila_keep_fraction", "ila_warmup_fraction", "ila_gate_budget")
+    @classmethod
+    def _fraction_in_open_unit(cls, value: float | None, info) -> float | None:
+        return _open_unit(info.field_name, value)
+
+    @field_validator("ila_strategy")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        if value not in STRATEGIES:
+            raise ValueError(f"ila_strategy: unknown strategy {value!r}; choose one of {', '.join(STRATEGIES)}")
+        return value
+
+    @field_validator("ila_gate_steps", "ila_stability_window", "ila_warmup_max_steps", "ila_search_lora_r")
+    @classmethod
+    def _positive(cls, value: int | None, info) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"{info.field_name} must be a positive integer, got {value}")
+        return value
+
+    @field_validator("ila_warmup_min_steps")
+    @classmethod
+    def _non_negative(cls, value: int, info) -> int:
+        if value < 0:
+            raise ValueError(f"{info.field_name} must be >= 0, got {value}")
+        return value
+
+    @field_validator("ila_gate_lr", "ila_stability_tolerance", "ila_search_learning_rate")
+    @classmethod
+    def _positive_float(cls, value: float | None, info) -> float | None:
+        if value is not None and not value > 0:
+            raise ValueError(f"{info.field_name} must be > 0, got {value}")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_combination(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        check_combination(data)
+        return data
+
+
+def check_combination(data: dict[str, Any]) -> None:
+    """Checks that need more than one key, on the raw config dict."""
+    if data.get("ila_drop_fraction") is not None and data.get("ila_keep_fraction") is not None:
+        raise ValueError(
+            "set either ila_drop_fraction (drop the least important) or ila_keep_fraction "
+            "(keep only the most important), not both"
+        )
+    adapter = data.get("adapter") or None
+    if adapter not in SUPPORTED_ADAPTERS:
+        raise ValueError(
+            f"axolotl_ila.ILAPlugin supports adapter: lora, qlora, or no adapter (full "
+            f"fine-tuning), not adapter: {adapter}; remove the plugin or change `adapter`"
+        )
+    strategy = data.get("ila_strategy") or "ila"
+    if strategy in RANKED_STRATEGIES and not data.get("ila_ranking"):
+        raise ValueError(
+            f"ila_strategy: {strategy} needs a ranking file: set ila_ranking (e.g. "
+            f"ila_ranking: rankings/my-model.json); it is searched and written if absent"
+        )
+    if data.get("ila_search") == "never" and not data.get("ila_ranking"):
+        raise ValueError("ila_search: never needs ila_ranking to point at an existing ranking file")
+    if adapter is None and data.get("unfrozen_parameters"):
+        raise ValueError(
+            "unfrozen_parameters and axolotl_ila.ILAPlugin both decide what full fine-tuning "
+            "trains; remove one of them"
+        )
+    if adapter is None and data.get("fsdp_config"):
+        fsdp = data["fsdp_config"]
+        if isinstance(fsdp, dict) and fsdp.get("use_orig_params") is False:
+            raise ValueError(
+                "full fine-tuning with ILA freezes some linear weights, which FSDP only allows "
+                "with fsdp_config.use_orig_params: true"
+            )
+    deepspeed = str(data.get("deepspeed") or "")
+    if adapter is None and "zero3" in deepspeed:
+        raise ValueError(
+            "full fine-tuning with ILA freezes some linear weights, which DeepSpeed ZeRO-3 "
+            "does not handle reliably; use ZeRO-2, FSDP (use_orig_params: true) or LoRA"
+        )

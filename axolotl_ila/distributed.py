@@ -1,0 +1,81 @@
+"""Multi-process agreement: one process writes, every process reads the same file.
+
+Under ``accelerate launch`` / ``torchrun`` every rank runs the plugin. Each may
+compute a ranking, but only the main process writes it; the others wait for the
+outcome (success or the writer's error) and then load the very same file, so all
+ranks train the same selection even if their own scores differed in the last bit.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, TypeVar
+
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    if is_distributed():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def main_writes_all_read(write: Callable[[], None], read: Callable[[], T]) -> T:
+    """Run ``write`` on the main process only, then ``read`` on every process.
+
+    An error on the writer is re-raised on every rank (instead of leaving the
+    others waiting at a barrier forever).
+    """
+    error: str | None = None
+    if is_main_process():
+        try:
+            write()
+        except Exception as exc:  # re-raised below, on every rank
+            error = f"{type(exc).__name__}: {exc}"
+            if not is_distributed():
+                raise
+    if is_distributed():
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise RuntimeError(f"ILA: the main process failed to write: {error}")
+    return read()
+
+
+def all_reduce_mean_(tensor) -> None:
+    """Average a tensor across processes in place (no-op on one process)."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor.div_(dist.get_world_size())
+
+
+def same_on_all_ranks(value: str) -> bool:
+    """True when every rank passes the same string (e.g. a ranking digest)."""
+    if not is_distributed():
+        return True
+    gathered: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return all(v == value for v in gathered)
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -1,0 +1,192 @@
+"""From a config to a selection: the decisions made before any model is built.
+
+    config -> (skeleton of the model) -> ranking (loaded, or searched) -> selection
+
+Everything that can be wrong with the user's input (a ranking for another model,
+a fraction that leaves nothing, a file that must not be overwritten, a resumed
+run whose adapters would change shape) is found here, from the model's meta-device
+skeleton, before datasets or weights are loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from axolotl_ila.application import skeleton_model, target_candidates
+from axolotl_ila.architecture import fingerprint, linear_modules
+from axolotl_ila.distributed import file_digest, main_writes_all_read, same_on_all_ranks
+from axolotl_ila.ranking import (
+    Ranking,
+    RankingError,
+    check_architecture,
+    check_writable,
+    load_ranking,
+    save_ranking,
+    write_json_atomic,
+)
+from axolotl_ila.selection import RANKED_STRATEGIES, Selection, SelectionError, importance_order, select
+
+LOG = logging.getLogger("axolotl.ila")
+
+RECORD_NAME = "ila_selection.json"
+RECORD_FORMAT = "axolotl-ila-selection"
+
+
+@dataclass
+class ModelInfo:
+    """What the plan needs to know about the model, read off its skeleton."""
+
+    fingerprint: str
+    candidates: list[str]  # model order
+    model_section: dict[str, Any]  # the ranking file's "model" section
+
+
+@dataclass
+class Plan:
+    selection: Selection
+    model: ModelInfo
+    ranking_identity: dict[str, Any] | None  # path, digest and fingerprint of the ranking used
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "format": RECORD_FORMAT,
+            "version": 1,
+            "model_fingerprint": self.model.fingerprint,
+            "ranking": self.ranking_identity,
+            **self.selection.to_json(),
+        }
+
+
+def describe_model(cfg: Any) -> ModelInfo:
+    skeleton = skeleton_model(cfg)
+    modules = linear_modules(skeleton)
+    candidates = [m.name for m in target_candidates(skeleton, cfg)]
+    if not candidates:
+        raise SelectionError(
+            "no linear module of this model is targeted by LoRA, so ILA has nothing to select; "
+            "set `lora_target_linear: true` or list `lora_target_modules`."
+        )
+    config = skeleton.config
+    section = {
+        "base_model": cfg.base_model,
+        "model_type": getattr(config, "model_type", None),
+        "architectures": getattr(config, "architectures", None),
+        "num_hidden_layers": getattr(config, "num_hidden_layers", None),
+        "hidden_size": getattr(config, "hidden_size", None),
+        "num_linear_modules": len(modules),
+        "fingerprint": fingerprint(modules),
+    }
+    return ModelInfo(fingerprint=section["fingerprint"], candidates=candidates, model_section=section)
+
+
+def fraction_kwargs(cfg: Any) -> dict[str, float | None]:
+    return {"drop_fraction": cfg.ila_drop_fraction, "keep_fraction": cfg.ila_keep_fraction}
+
+
+def is_resuming(cfg: Any) -> bool:
+    if cfg.resume_from_checkpoint:
+        return True
+    output_dir = Path(cfg.output_dir or "./model-out")
+    return bool(cfg.auto_resume_from_checkpoints) and any(
+        p.name.split("-")[-1].isdigit() for p in output_dir.glob("checkpoint-*")
+    )
+
+
+def ranking_identity(path: str | Path, ranking: Ranking) -> dict[str, Any]:
+    return {"path": str(path), "digest": file_digest(path), "fingerprint": ranking.fingerprint}
+
+
+def _selection_from_record(cfg: Any, info: ModelInfo, current: Selection | None) -> Plan:
+    path = Path(cfg.output_dir) / RECORD_NAME
+    if not path.exists():
+        raise SelectionError(
+            f"resuming in {cfg.output_dir}, which has no {RECORD_NAME}: its checkpoints were not "
+            f"trained with an ILA selection, so their adapters would not fit. Resume without the "
+            f"ILA plugin, or start a fresh output_dir."
+        )
+    import json
+
+    record = json.loads(path.read_text(encoding="utf-8"))
+    if record.get("format") != RECORD_FORMAT:
+        raise SelectionError(f"{path} is not an ILA selection record; start a fresh output_dir.")
+    if record.get("model_fingerprint") != info.fingerprint:
+        raise SelectionError(
+            f"{path} records a selection for another architecture than {cfg.base_model}; "
+            f"resume with the base model the run started with."
+        )
+    selection = Selection(
+        kept=tuple(record["kept"]),
+        dropped=tuple(record["dropped"]),
+        strategy=record["strategy"],
+        mode=record["mode"],
+        fraction=record["fraction"],
+    )
+    if current is not None and set(current.kept) != set(selection.kept):
+        raise SelectionError(
+            f"resuming in {cfg.output_dir}: the config now selects {len(current.kept)} modules "
+            f"({current.strategy}, {current.mode} {current.fraction:g}) but the checkpoints were trained "
+            f"on {len(selection.kept)} ({selection.strategy}, {selection.mode} {selection.fraction:g}, "
+            f"recorded in {path}); their adapters would not fit. Restore the ILA settings of that "
+            f"run (ila_strategy, fractions, ila_ranking), or start a fresh output_dir."
+        )
+    LOG.info("ILA: resuming with the selection recorded in %s", path)
+    return Plan(selection=selection, model=info, ranking_identity=record.get("ranking"))
+
+
+def resolve_plan(
+    cfg: Any,
+    run_search: Callable[[Any, ModelInfo], Ranking] | None = None,
+    force_search: bool = False,
+) -> Plan:
+    """Decide the selection for this run. ``run_search(cfg, info)`` is called
+    only when the config asks for a search (or ``force_search``)."""
+    info = describe_model(cfg)
+    strategy = cfg.ila_strategy or "ila"
+    fractions = fraction_kwargs(cfg)
+    # Fraction errors (nothing left, nothing dropped) before any expensive work.
+    select(info.candidates, info.candidates, strategy, **fractions)
+
+    resuming = is_resuming(cfg) and not force_search
+    if strategy not in RANKED_STRATEGIES:
+        if cfg.ila_ranking:
+            LOG.warning("ILA: ila_strategy: %s does not use ila_ranking (%s)", strategy, cfg.ila_ranking)
+        order = importance_order(info.candidates, strategy, seed=cfg.ila_seed if cfg.ila_seed is not None else 42)
+        selection = select(info.candidates, order, strategy, **fractions)
+        if resuming:
+            return _selection_from_record(cfg, info, selection)
+        return Plan(selection=selection, model=info, ranking_identity=None)
+
+    path = Path(cfg.ila_ranking)
+    mode = "always" if force_search else (cfg.ila_search or "auto")
+    if resuming and not path.exists():
+        return _selection_from_record(cfg, info, None)
+
+    if mode == "never" or (mode == "auto" and path.exists()):
+        ranking = load_ranking(path)
+        for warning in check_architecture(ranking, info.fingerprint, cfg.base_model, path):
+            LOG.warning("ILA: %s", warning)
+    else:
+        check_writable(path, info.fingerprint)
+        if run_search is None:
+            raise RankingError(f"no ranking at {path} and no search available in this context.")
+        searched = run_search(cfg, info)
+        ranking = main_writes_all_read(lambda: save_ranking(searched, path), lambda: load_ranking(path))
+        LOG.info("ILA: wrote ranking %s", path)
+
+    order = importance_order(info.candidates, strategy, ranking=ranking)
+    selection = select(info.candidates, order, strategy, **fractions)
+    if resuming:
+        return _selection_from_record(cfg, info, selection)
+    identity = ranking_identity(path, ranking)
+    if not same_on_all_ranks(identity["digest"]):
+        raise RankingError(f"ranking file {path} differs between processes; put it on a filesystem all ranks share.")
+    return Plan(selection=selection, model=info, ranking_identity=identity)
+
+
+def write_record(plan: Plan, output_dir: str | Path) -> Path:
+    path = Path(output_dir) / RECORD_NAME
+    write_json_atomic(path, plan.record())
+    return path

@@ -1,0 +1,121 @@
+"""The axolotl plugin: hooks only; the work lives in plan, search and application.
+
+Hook order in ``axolotl.cli.train``:
+
+    load_datasets     decide the selection (load the ranking, or search first, on
+                      the datasets axolotl loads for this run)
+    pre_model_load    same decision, for entry points that skip load_datasets
+    post_model_build  the model exists, adapters do not: check it is the model the
+                      plan was made for; tell PEFT to skip the dropped modules
+    post_model_load   adapters exist: verify them (LoRA) or freeze the dropped
+                      weights (full fine-tuning); record the selection
+    post_trainer_create  verify once more, now that the trainer holds the model
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from axolotl.integrations.base import BasePlugin
+
+from axolotl_ila.application import (
+    ApplicationError,
+    exclude_value,
+    freeze_dropped,
+    user_excludes,
+    verify_adapters,
+    verify_trainable,
+)
+from axolotl_ila.architecture import fingerprint, linear_modules
+from axolotl_ila.distributed import is_main_process
+from axolotl_ila.plan import ModelInfo, Plan, resolve_plan, write_record
+from axolotl_ila.search import IN_SEARCH_KEY
+
+LOG = logging.getLogger("axolotl.ila")
+
+
+def _load_datasets(cfg: Any) -> Any:
+    from axolotl.common.datasets import load_datasets
+
+    return load_datasets(cfg=cfg)
+
+
+class ILAPlugin(BasePlugin):
+    """Train adapters only on the modules that matter (ILA, arXiv 2410.17875)."""
+
+    def __init__(self):
+        super().__init__()
+        self.plan: Plan | None = None
+        self._datasets: Any = None
+
+    def get_input_args(self) -> str:
+        return "axolotl_ila.args.ILAArgs"
+
+    # -- deciding ----------------------------------------------------------------
+
+    def _search(self, cfg: Any, info: ModelInfo):
+        from axolotl_ila.search import check_search_config, search_ranking
+
+        check_search_config(cfg)
+        if self._datasets is None:
+            self._datasets = _load_datasets(cfg)
+        return search_ranking(cfg, self._datasets, info)
+
+    def _ensure_plan(self, cfg: Any) -> Plan:
+        if self.plan is None:
+            self.plan = resolve_plan(cfg, run_search=self._search)
+            LOG.info("%s", self.plan.selection.summary())
+        return self.plan
+
+    def load_datasets(self, cfg, preprocess: bool = False):
+        if preprocess or cfg.get(IN_SEARCH_KEY):
+            return None
+        self._ensure_plan(cfg)
+        # Datasets the search loaded are handed to axolotl; otherwise it loads them.
+        datasets, self._datasets = self._datasets, None
+        return datasets
+
+    def pre_model_load(self, cfg):
+        if cfg.get(IN_SEARCH_KEY):
+            return
+        self._ensure_plan(cfg)
+
+    # -- applying ----------------------------------------------------------------
+
+    def post_model_build(self, cfg, model):
+        if cfg.get(IN_SEARCH_KEY):
+            return
+        plan = self._ensure_plan(cfg)
+        built = fingerprint(linear_modules(model))
+        if built != plan.model.fingerprint:
+            raise ApplicationError(
+                f"ILA: the loaded model's linear modules differ from those of its config "
+                f"({cfg.base_model}); the selection was made for the config's architecture. "
+                f"Is a plugin or `trust_remote_code` changing the model after loading?"
+            )
+        if cfg.adapter:
+            if "ila_user_exclude_modules" not in cfg:
+                cfg["ila_user_exclude_modules"] = cfg.get("lora_exclude_modules") or None
+            cfg.lora_exclude_modules = exclude_value(user_excludes(cfg), plan.selection.dropped)
+
+    def post_model_load(self, cfg, model):
+        if cfg.get(IN_SEARCH_KEY):
+            return
+        plan = self._ensure_plan(cfg)
+        if cfg.adapter:
+            verify_adapters(model, plan.selection)
+        else:
+            freeze_dropped(model, plan.selection)
+            verify_trainable(model, plan.selection)
+        if is_main_process():
+            path = write_record(plan, cfg.output_dir or "./model-out")
+            LOG.info("ILA: selection recorded in %s", path)
+
+    def post_trainer_create(self, cfg, trainer):
+        if cfg.get(IN_SEARCH_KEY) or self.plan is None:
+            return
+        if cfg.adapter:
+            verify_adapters(trainer.model, self.plan.selection)
+        else:
+            verify_trainable(trainer.model, self.plan.selection)

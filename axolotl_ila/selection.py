@@ -1,0 +1,163 @@
+"""Which modules get adapters (or stay trainable): every strategy, one rule.
+
+Each strategy produces an *importance order* over the candidate modules (the
+modules the user's own LoRA targets would adapt). Then one rule applies to all of
+them: ``ila_drop_fraction`` drops the tail of that order, ``ila_keep_fraction``
+keeps its head.
+
+    ila          the ranking's gate scores (the paper's method)
+    update_norm  the ranking's LoRA update norms from the warm-up (ALLO-style)
+    random       a seeded random order
+    first        the first (shallowest) modules count as least important, as in
+                 the paper's "first K" ablation: drop removes them
+    last         the last (deepest) modules count as least important
+    mid_block    distance of a module's block from the middle of the depth;
+                 ``ila_keep_fraction: 0.6`` tunes the blocks from 20% to 80% of depth
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from axolotl_ila.architecture import block_index, depth_order, module_kind, num_blocks
+from axolotl_ila.ranking import Ranking, RankingError
+
+RANKED_STRATEGIES = {"ila": "score", "update_norm": "update_norm"}
+UNRANKED_STRATEGIES = ("random", "first", "last", "mid_block")
+STRATEGIES = tuple(RANKED_STRATEGIES) + UNRANKED_STRATEGIES
+
+DEFAULT_DROP_FRACTION = 0.25
+
+
+class SelectionError(ValueError):
+    """A selection that cannot be made, with the key to change."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The outcome: which candidate modules keep adapters, which do not."""
+
+    kept: tuple[str, ...]  # model order
+    dropped: tuple[str, ...]  # model order
+    strategy: str
+    mode: str  # "drop" or "keep"
+    fraction: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "strategy": self.strategy,
+            "mode": self.mode,
+            "fraction": self.fraction,
+            "kept": list(self.kept),
+            "dropped": list(self.dropped),
+        }
+
+    def summary(self) -> str:
+        """One compact block of text: totals, per module type, per block."""
+        total = len(self.kept) + len(self.dropped)
+        kept_kinds = Counter(map(module_kind, self.kept))
+        all_kinds = Counter(map(module_kind, self.kept + self.dropped))
+        kinds = ", ".join(f"{kind} {kept_kinds[kind]}/{n}" for kind, n in sorted(all_kinds.items()))
+        kept_blocks = Counter(b for b in map(block_index, self.kept) if b is not None)
+        all_blocks = Counter(b for b in map(block_index, self.kept + self.dropped) if b is not None)
+        blocks = " ".join(f"{b}:{kept_blocks[b]}/{all_blocks[b]}" for b in sorted(all_blocks))
+        return (
+            f"ILA selection ({self.strategy}, {self.mode} {self.fraction:g}): "
+            f"kept {len(self.kept)}/{total} modules, dropped {len(self.dropped)}\n"
+            f"  per type (kept/all): {kinds}\n"
+            f"  per block (kept/all): {blocks}"
+        )
+
+
+def importance_order(
+    candidates: list[str],
+    strategy: str,
+    ranking: Ranking | None = None,
+    seed: int = 42,
+) -> list[str]:
+    """The candidates, most important first, under ``strategy``."""
+    if strategy in RANKED_STRATEGIES:
+        if ranking is None:
+            raise SelectionError(f"ila_strategy: {strategy} needs a ranking (set `ila_ranking`).")
+        ranked = ranking.order(RANKED_STRATEGIES[strategy])
+        missing = [name for name in candidates if name not in set(ranked)]
+        if missing:
+            raise RankingError(
+                f"the ranking does not score {len(missing)} of the {len(candidates)} modules "
+                f"your LoRA targets would adapt (e.g. {', '.join(missing[:3])}). Search again "
+                f"with these targets (`ila_search: always`), or narrow `lora_target_modules`."
+            )
+        wanted = set(candidates)
+        return [name for name in ranked if name in wanted]
+    if strategy == "random":
+        order = list(candidates)
+        random.Random(seed).shuffle(order)
+        return order
+    if strategy == "first":
+        return list(reversed(depth_order(candidates)))
+    if strategy == "last":
+        return depth_order(candidates)
+    if strategy == "mid_block":
+        depth = max(num_blocks(candidates), 1)
+        middle = (depth - 1) / 2
+        shallow_to_deep = depth_order(candidates)
+        position = {name: i for i, name in enumerate(shallow_to_deep)}
+
+        def distance(name: str) -> tuple[float, int]:
+            block = block_index(name)
+            return (abs((depth if block is None else block) - middle), position[name])
+
+        return sorted(candidates, key=distance)
+    raise SelectionError(f"ila_strategy: unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}.")
+
+
+def _count(fraction: float, total: int) -> int:
+    return int(fraction * total + 0.5)  # round half up, unlike round()
+
+
+def select(
+    candidates: list[str],
+    order: list[str],
+    strategy: str,
+    drop_fraction: float | None = None,
+    keep_fraction: float | None = None,
+) -> Selection:
+    """Apply the drop/keep rule to an importance order."""
+    if drop_fraction is not None and keep_fraction is not None:
+        raise SelectionError("set either ila_drop_fraction or ila_keep_fraction, not both.")
+    if sorted(order) != sorted(candidates):
+        raise SelectionError("internal: the importance order does not cover the candidates exactly.")
+    total = len(candidates)
+    if total == 0:
+        raise SelectionError(
+            "no module is targeted by LoRA, so there is nothing to select; check "
+            "`lora_target_modules` / `lora_target_linear`."
+        )
+    if keep_fraction is not None:
+        mode, fraction, n_keep = "keep", keep_fraction, _count(keep_fraction, total)
+        key = "ila_keep_fraction"
+    else:
+        fraction = DEFAULT_DROP_FRACTION if drop_fraction is None else drop_fraction
+        mode, n_keep = "drop", total - _count(fraction, total)
+        key = "ila_drop_fraction"
+    if n_keep <= 0:
+        raise SelectionError(
+            f"{key}: {fraction:g} of {total} modules would leave no module to train; "
+            f"{'raise' if mode == 'keep' else 'lower'} it."
+        )
+    if n_keep >= total:
+        raise SelectionError(
+            f"{key}: {fraction:g} of {total} modules drops no module; "
+            f"{'lower' if mode == 'keep' else 'raise'} it (one module is {1 / total:.3g} of {total})."
+        )
+    keep = set(order[:n_keep])
+    return Selection(
+        kept=tuple(n for n in candidates if n in keep),
+        dropped=tuple(n for n in candidates if n not in keep),
+        strategy=strategy,
+        mode=mode,
+        fraction=fraction,
+    )

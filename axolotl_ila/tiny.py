@@ -1,0 +1,130 @@
+"""Tiny models, tokenizers and datasets built locally, for the quick start and tests.
+
+Nothing here downloads anything: the tokenizer is trained on the generated data,
+the model has random weights. A tiny Llama trains a few steps on CPU in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+
+ARCHITECTURES = ("llama", "gpt_neox")
+
+_SUBJECTS = ["cat", "dog", "river", "mountain", "teacher", "robot", "garden", "city", "ocean", "forest"]
+_VERBS = ["sees", "likes", "follows", "builds", "paints", "finds", "carries", "visits", "watches", "helps"]
+_OBJECTS = ["a ball", "the moon", "a song", "the bridge", "a letter", "the tower", "a map", "the boat", "a key", "the lamp"]
+
+
+def make_alpaca_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """Small instruction data with learnable structure: reverse, repeat, count."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        sentence = f"the {rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}"
+        task = rng.randrange(3)
+        if task == 0:
+            rows.append({"instruction": "Reverse the words.", "input": sentence, "output": " ".join(reversed(sentence.split()))})
+        elif task == 1:
+            rows.append({"instruction": "Repeat the sentence twice.", "input": sentence, "output": f"{sentence}. {sentence}."})
+        else:
+            rows.append({"instruction": "How many words are there?", "input": sentence, "output": str(len(sentence.split()))})
+    return rows
+
+
+def write_jsonl(path: str | Path, rows: list[dict[str, str]]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def build_tokenizer(rows: list[dict[str, str]], out_dir: str | Path, vocab_size: int = 1000):
+    """A byte-level BPE tokenizer trained on the rows, saved as a fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    corpus = [" ".join(r.values()) for r in rows] + [
+        # axolotl's alpaca prompt, so that prompts tokenize to a few dozen tokens
+        "Below is an instruction that describes a task, paired with an input that provides "
+        "further context. Write a response that appropriately completes the request.",
+        "Below is an instruction that describes a task. Write a response that appropriately "
+        "completes the request.",
+        "\n\n### Instruction:\n ### Input:\n ### Response:\n",
+    ] * 20
+    tok.train_from_iterator(corpus, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+    )
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def build_model(out_dir: str | Path, architecture: str = "llama", layers: int = 4, hidden: int = 64, vocab_size: int = 1000, seed: int = 0):
+    """A random model of the given family, saved as an ordinary HF folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig
+
+    if architecture == "llama":
+        config = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            intermediate_size=hidden * 2,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=3,
+            tie_word_embeddings=False,
+        )
+    elif architecture == "gpt_neox":
+        config = GPTNeoXConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            intermediate_size=hidden * 2,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=3,
+            tie_word_embeddings=False,
+        )
+    else:
+        raise ValueError(f"unknown architecture {architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(str(out_dir))
+    return model
+
+
+def build_workspace(root: str | Path, architecture: str = "llama", rows: int = 256, layers: int = 4, seed: int = 0) -> dict[str, Path]:
+    """Model folder (weights + tokenizer) and an alpaca jsonl under ``root``."""
+    root = Path(root)
+    model_dir = root / f"tiny-{architecture}"
+    data_path = root / "data" / "train.jsonl"
+    data = make_alpaca_rows(rows, seed=seed)
+    write_jsonl(data_path, data)
+    if not (model_dir / "config.json").exists():
+        tokenizer = build_tokenizer(data, model_dir)
+        build_model(model_dir, architecture=architecture, layers=layers, vocab_size=len(tokenizer), seed=seed)
+    return {"model": model_dir, "data": data_path}
