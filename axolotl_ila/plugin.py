@@ -31,6 +31,7 @@ from axolotl_ila.architecture import fingerprint, linear_modules
 from axolotl_ila.distributed import is_main_process
 from axolotl_ila.plan import ModelInfo, Plan, resolve_plan, write_record
 from axolotl_ila.search import IN_SEARCH_KEY
+from axolotl_ila.selection import RANKED_STRATEGIES
 
 LOG = logging.getLogger("axolotl.ila")
 
@@ -119,3 +120,22 @@ class ILAPlugin(BasePlugin):
             verify_adapters(trainer.model, self.plan.selection)
         else:
             verify_trainable(trainer.model, self.plan.selection)
+
+
+def search_config_file(config_path: str) -> Plan:
+    """``axolotl-ila search CONFIG``: load and validate the config as axolotl
+    does, run the search it describes, and write ``ila_ranking``."""
+    from axolotl.cli.config import load_cfg
+    from axolotl.integrations.base import PluginManager
+
+    cfg = load_cfg(config_path)
+    plugins = [p for p in PluginManager.get_instance().plugins.values() if isinstance(p, ILAPlugin)]
+    if not plugins:
+        raise ValueError(f"{config_path}: add axolotl_ila.ILAPlugin to `plugins:` to search with this config.")
+    if not cfg.ila_ranking:
+        raise ValueError(f"{config_path}: set ila_ranking, the path the search writes its ranking to.")
+    if cfg.ila_strategy not in RANKED_STRATEGIES:
+        cfg.ila_strategy = "ila"  # a search makes a ranking whatever the config trains with
+    plugin = plugins[0]
+    plugin.plan = resolve_plan(cfg, run_search=plugin._search, force_search=True)
+    return plugin.plan
