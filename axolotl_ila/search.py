@@ -368,6 +368,7 @@ def search_ranking(cfg: Any, dataset_meta: Any, info: ModelInfo) -> Ranking:
     """Run both stages on the run's own data and return the ranking."""
     from axolotl.train import setup_model_and_tokenizer
     from axolotl.utils.trainer import setup_trainer
+    from transformers import set_seed
 
     check_search_config(cfg)
     total = planned_steps(cfg, dataset_meta)
@@ -375,6 +376,10 @@ def search_ranking(cfg: Any, dataset_meta: Any, info: ModelInfo) -> Ranking:
     scfg = search_config(cfg, cap)
     LOG.info("ILA search: warm-up of at most %d steps (%d planned for training), then %d gate steps", cap, total, cfg.ila_gate_steps)
 
+    # Seed before the adapters exist: LoRA's A matrices are drawn at model load,
+    # before the trainer seeds anything, and a search must be reproducible.
+    seed = cfg.seed if cfg.seed is not None else 42
+    set_seed(seed)
     started = time.perf_counter()
     model, tokenizer, peft_config, processor = setup_model_and_tokenizer(scfg)
     layers = lora_modules(model)
@@ -422,6 +427,7 @@ def search_ranking(cfg: Any, dataset_meta: Any, info: ModelInfo) -> Ranking:
     LOG.info("ILA warm-up stopped after %d steps (%s)", steps_done, stage1["stop_reason"])
 
     norms = update_norms(layers)
+    set_seed(seed)
     started = time.perf_counter()
     scores, stage2 = run_gates(trainer, layers, cfg.ila_gate_steps, cfg.ila_gate_lr, cfg.ila_gate_budget)
     stage2["wall_s"] = round(time.perf_counter() - started, 3)
@@ -430,7 +436,7 @@ def search_ranking(cfg: Any, dataset_meta: Any, info: ModelInfo) -> Ranking:
         "method": "ila",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "data": _data_identity(cfg, dataset_meta),
-        "seed": cfg.seed,
+        "seed": seed,
         "adapter": scfg.adapter,
         "stage1": stage1,
         "stage2": stage2,

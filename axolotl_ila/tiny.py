@@ -77,8 +77,12 @@ def build_tokenizer(rows: list[dict[str, str]], out_dir: str | Path, vocab_size:
     return fast
 
 
-def build_model(out_dir: str | Path, architecture: str = "llama", layers: int = 4, hidden: int = 64, vocab_size: int = 1000, seed: int = 0):
-    """A random model of the given family, saved as an ordinary HF folder."""
+def build_model(out_dir: str | Path, architecture: str = "llama", layers: int = 4, hidden: int = 64, vocab_size: int = 1000, seed: int = 0, initializer_range: float = 0.02):
+    """A random model of the given family, saved as an ordinary HF folder.
+
+    A larger ``initializer_range`` gives a model with confident (peaked)
+    predictions, whose samples carry structure a student can learn.
+    """
     import torch
     from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig
 
@@ -95,6 +99,7 @@ def build_model(out_dir: str | Path, architecture: str = "llama", layers: int = 
             eos_token_id=2,
             pad_token_id=3,
             tie_word_embeddings=False,
+            initializer_range=initializer_range,
         )
     elif architecture == "gpt_neox":
         config = GPTNeoXConfig(
@@ -108,6 +113,7 @@ def build_model(out_dir: str | Path, architecture: str = "llama", layers: int = 
             eos_token_id=2,
             pad_token_id=3,
             tie_word_embeddings=False,
+            initializer_range=initializer_range,
         )
     else:
         raise ValueError(f"unknown architecture {architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
@@ -117,7 +123,14 @@ def build_model(out_dir: str | Path, architecture: str = "llama", layers: int = 
     return model
 
 
-def build_workspace(root: str | Path, architecture: str = "llama", rows: int = 256, layers: int = 4, seed: int = 0) -> dict[str, Path]:
+def build_workspace(
+    root: str | Path,
+    architecture: str = "llama",
+    rows: int = 256,
+    layers: int = 4,
+    seed: int = 0,
+    initializer_range: float = 0.02,
+) -> dict[str, Path]:
     """Model folder (weights + tokenizer) and an alpaca jsonl under ``root``."""
     root = Path(root)
     model_dir = root / f"tiny-{architecture}"
@@ -126,5 +139,5 @@ def build_workspace(root: str | Path, architecture: str = "llama", rows: int = 2
     write_jsonl(data_path, data)
     if not (model_dir / "config.json").exists():
         tokenizer = build_tokenizer(data, model_dir)
-        build_model(model_dir, architecture=architecture, layers=layers, vocab_size=len(tokenizer), seed=seed)
+        build_model(model_dir, architecture=architecture, layers=layers, vocab_size=len(tokenizer), seed=seed, initializer_range=initializer_range)
     return {"model": model_dir, "data": data_path}

@@ -1,0 +1,112 @@
+"""Shared fixtures: tiny local models and data, and a runner for the real
+``python -m axolotl.cli.train``. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from axolotl_ila.tiny import build_workspace
+
+os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# What a tiny model needs to train on a 2-core CPU in seconds.
+CPU_SETTINGS: dict[str, Any] = {
+    "sequence_len": 128,
+    "sample_packing": False,
+    "val_set_size": 0,
+    "micro_batch_size": 4,
+    "gradient_accumulation_steps": 1,
+    "learning_rate": 0.002,
+    "optimizer": "adamw_torch",
+    "lr_scheduler": "constant",
+    "bf16": False,
+    "fp16": False,
+    "tf32": False,
+    "save_strategy": "no",
+    "logging_steps": 1,
+    "seed": 1,
+    "lora_mlp_kernel": False,
+    "lora_qkv_kernel": False,
+    "lora_o_kernel": False,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> dict[str, Path]:
+    return build_workspace(tmp_path_factory.mktemp("llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_neox(tmp_path_factory) -> dict[str, Path]:
+    return build_workspace(tmp_path_factory.mktemp("neox"), "gpt_neox")
+
+
+def make_config(workspace: dict[str, Path], out: Path, adapter: str | None = "lora", **overrides: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "base_model": str(workspace["model"]),
+        "datasets": [{"path": str(workspace["data"]), "ds_type": "json", "type": "alpaca"}],
+        "dataset_prepared_path": str(out / "prepared"),
+        "output_dir": str(out / "run"),
+        "max_steps": 20,
+        "plugins": ["axolotl_ila.ILAPlugin"],
+        **CPU_SETTINGS,
+    }
+    if adapter:
+        cfg.update(adapter=adapter, lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_linear=True)
+    if adapter == "qlora":
+        cfg["load_in_4bit"] = True
+    cfg.update(overrides)
+    return {k: v for k, v in cfg.items() if v is not None}
+
+
+def write_config(cfg: dict[str, Any], path: Path) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def run_train(config: Path, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """The real ``python -m axolotl.cli.train CONFIG``, in a fresh process."""
+    env = {**os.environ, "AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(
+        [sys.executable, "-m", "axolotl.cli.train", str(config)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=config.parent,
+        timeout=timeout,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
+    return result
+
+
+def adapter_modules(output_dir: Path) -> set[str]:
+    """Base-model names of the modules that have saved LoRA weights."""
+    from safetensors import safe_open
+
+    names = set()
+    with safe_open(str(output_dir / "adapter_model.safetensors"), "pt") as handle:
+        for key in handle.keys():
+            if ".lora_A." in key or ".lora_B." in key:
+                name = key.split(".lora_")[0]
+                names.add(name.removeprefix("base_model.model."))
+    return names
+
+
+def load_tensors(path: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))

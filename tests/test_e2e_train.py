@@ -1,0 +1,136 @@
+"""End to end: the real ``python -m axolotl.cli.train`` on tiny local models.
+
+Each test checks the outcome, not only that training ran: which modules have
+saved adapter weights, which base weights changed, what was recorded.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from axolotl_ila.ranking import load_ranking
+from axolotl_ila.selection import importance_order, select
+from conftest import adapter_modules, load_tensors, make_config, read_json, run_train, write_config
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def searched(tiny_llama, tmp_path_factory):
+    """One training run with no ranking present: it searches, writes, trains."""
+    out = tmp_path_factory.mktemp("searched")
+    ranking = out / "rankings" / "tiny-llama.json"
+    cfg = make_config(tiny_llama, out, ila_ranking=str(ranking), ila_gate_steps=16)
+    result = run_train(write_config(cfg, out / "config.yml"))
+    return {"out": out, "ranking": ranking, "result": result, "cfg": cfg}
+
+
+def test_search_runs_then_adapters_sit_exactly_on_the_selection(searched):
+    ranking = load_ranking(searched["ranking"])
+    assert len(ranking.modules) == 28  # 4 blocks x 7 linear modules, lm_head not targeted
+    run_dir = searched["out"] / "run"
+    record = read_json(run_dir / "ila_selection.json")
+    expected_dropped = set(ranking.names[-7:])  # the least important 25%
+    assert set(record["dropped"]) == expected_dropped
+    assert adapter_modules(run_dir) == set(ranking.names[:21])
+    assert record["ranking"]["fingerprint"] == ranking.fingerprint
+    assert "ILA search: warm-up" in searched["result"].stderr + searched["result"].stdout
+    # The search's scratch run leaves no checkpoints behind.
+    assert not list((run_dir / ".ila_search").glob("checkpoint-*"))
+
+
+def test_second_run_reuses_the_ranking_without_searching(searched, tiny_llama):
+    out = searched["out"]
+    before = searched["ranking"].read_bytes()
+    cfg = {**searched["cfg"], "output_dir": str(out / "run2")}
+    result = run_train(write_config(cfg, out / "config2.yml"))
+    logs = result.stdout + result.stderr
+    assert "ILA search: warm-up" not in logs
+    assert searched["ranking"].read_bytes() == before
+    assert adapter_modules(out / "run2") == adapter_modules(out / "run")
+
+
+def test_qlora_keep_fraction_trains_only_the_top_modules(searched, tiny_llama, tmp_path):
+    cfg = make_config(tiny_llama, tmp_path, adapter="qlora", ila_ranking=str(searched["ranking"]), ila_keep_fraction=0.3, ila_search="never", max_steps=4)
+    run_train(write_config(cfg, tmp_path / "config.yml"))
+    ranking = load_ranking(searched["ranking"])
+    assert adapter_modules(tmp_path / "run") == set(ranking.names[:8])  # round(0.3 * 28) = 8
+
+
+def test_full_finetuning_freezes_exactly_the_dropped_weights(searched, tiny_llama, tmp_path):
+    cfg = make_config(tiny_llama, tmp_path, adapter=None, ila_ranking=str(searched["ranking"]), max_steps=3, learning_rate=0.01)
+    run_train(write_config(cfg, tmp_path / "config.yml"))
+    base = load_tensors(tiny_llama["model"] / "model.safetensors")
+    tuned = load_tensors(tmp_path / "run" / "model.safetensors")
+    ranking = load_ranking(searched["ranking"])
+    dropped, kept = ranking.names[-7:], ranking.names[:21]
+    for name in dropped:
+        assert (tuned[f"{name}.weight"] == base[f"{name}.weight"]).all(), f"{name} changed but was dropped"
+    for name in kept:
+        assert not (tuned[f"{name}.weight"] == base[f"{name}.weight"]).all(), f"{name} did not train"
+    # Everything else still trains as usual.
+    assert not (tuned["model.embed_tokens.weight"] == base["model.embed_tokens.weight"]).all()
+    assert not (tuned["lm_head.weight"] == base["lm_head.weight"]).all()
+
+
+def test_gpt_neox_search_and_selection(tiny_neox, tmp_path):
+    ranking_path = tmp_path / "neox.json"
+    cfg = make_config(tiny_neox, tmp_path, ila_ranking=str(ranking_path), ila_gate_steps=8, ila_drop_fraction=0.5)
+    run_train(write_config(cfg, tmp_path / "config.yml"))
+    ranking = load_ranking(ranking_path)
+    # axolotl's lora_target_linear keeps GPT-NeoX's head (it only removes one named
+    # embed_out), so the candidates are what the user's LoRA adapts: 16 + lm_head.
+    assert {name.rsplit(".", 1)[-1] for name in ranking.names} == {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h", "lm_head"}
+    assert all(name.startswith("gpt_neox.layers.") or name == "lm_head" for name in ranking.names)
+    assert adapter_modules(tmp_path / "run") == set(ranking.names[:8])  # 17 modules, drop round(8.5) = 9
+
+
+def test_unranked_strategy_last_drops_the_deepest_block(tiny_neox, tmp_path):
+    # 17 candidates (16 in blocks + lm_head, which counts as deepest); 0.3 drops 5.
+    cfg = make_config(tiny_neox, tmp_path, ila_strategy="last", ila_drop_fraction=0.3, max_steps=2)
+    run_train(write_config(cfg, tmp_path / "config.yml"))
+    adapted = adapter_modules(tmp_path / "run")
+    assert len(adapted) == 12
+    assert not any(".layers.3." in name or name == "lm_head" for name in adapted)
+
+
+def test_ranking_of_another_architecture_is_refused(searched, tiny_neox, tmp_path):
+    before = searched["ranking"].read_bytes()
+    cfg = make_config(tiny_neox, tmp_path, ila_ranking=str(searched["ranking"]))
+    result = run_train(write_config(cfg, tmp_path / "config.yml"), check=False)
+    assert result.returncode != 0
+    assert f"ranking file {searched['ranking']} was made for another architecture" in result.stderr
+    assert searched["ranking"].read_bytes() == before
+    assert not (tmp_path / "run" / "ila_selection.json").exists()
+
+
+def test_resume_uses_the_record_and_refuses_a_conflicting_selection(searched, tiny_llama, tmp_path):
+    base = make_config(
+        tiny_llama, tmp_path, ila_ranking=str(searched["ranking"]), ila_search="never", max_steps=4,
+        save_strategy="steps", save_steps=2, auto_resume_from_checkpoints=True,
+    )
+    run_train(write_config(base, tmp_path / "first.yml"))
+    assert (tmp_path / "run" / "checkpoint-4").is_dir()
+    record_before = (tmp_path / "run" / "ila_selection.json").read_bytes()
+
+    conflicting = {**base, "ila_drop_fraction": 0.5, "max_steps": 6}
+    result = run_train(write_config(conflicting, tmp_path / "conflict.yml"), check=False)
+    assert result.returncode != 0
+    assert "resuming in" in result.stderr and "their adapters would not fit" in result.stderr
+    assert (tmp_path / "run" / "ila_selection.json").read_bytes() == record_before
+
+    same = {**base, "max_steps": 6}
+    result = run_train(write_config(same, tmp_path / "same.yml"))
+    assert "ILA: resuming with the selection recorded" in result.stdout + result.stderr
+    assert (tmp_path / "run" / "checkpoint-6").is_dir()
+    ranking = load_ranking(searched["ranking"])
+    assert adapter_modules(tmp_path / "run") == set(ranking.names[:21])
+
+
+def test_selection_matches_library_logic(searched):
+    """The plugin's choice equals what the public selection API computes."""
+    ranking = load_ranking(searched["ranking"])
+    order = importance_order(ranking.names, "ila", ranking=ranking)
+    selection = select(ranking.names, order, "ila", drop_fraction=0.25)
+    record = read_json(searched["out"] / "run" / "ila_selection.json")
+    assert sorted(record["kept"]) == sorted(selection.kept)
