@@ -54,12 +54,14 @@ def _lora_target_config(model: torch.nn.Module, cfg: Any):
     from peft import LoraConfig
 
     targets = cfg.lora_target_modules or []
-    targets = list(targets) if isinstance(targets, (list, tuple)) else [targets]
     # Full fine-tuning without LoRA targets: the candidates are what
     # ``lora_target_linear: true`` would adapt (every linear module but the head).
     target_linear = cfg.lora_target_linear or (not cfg.adapter and not targets)
     if target_linear:
-        targets = sorted(set(targets) | set(find_all_linear_names(model)))
+        # As axolotl does: a string target joins the list (and stops being a regex).
+        as_list = list(targets) if isinstance(targets, (list, tuple)) else [targets] if targets else []
+        targets = sorted(set(as_list) | set(find_all_linear_names(model)))
+    # Otherwise a string stays a string, which PEFT reads as a full-match regex.
     if not targets:
         return None
     return LoraConfig(
