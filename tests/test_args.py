@@ -1,0 +1,163 @@
+"""The ``ila_`` keys, validated by axolotl's own config loader.
+
+Each case goes through ``axolotl.cli.config.load_cfg`` on a YAML file, so the
+messages tested here are the ones users see; a refused config writes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from conftest import make_config, write_config
+
+
+@pytest.fixture(scope="module")
+def load_cfg():
+    from axolotl.cli.config import load_cfg
+
+    return load_cfg
+
+
+@pytest.fixture(autouse=True)
+def restore_environment():
+    """load_cfg exports settings (ACCELERATE_MIXED_PRECISION, ...); keep them out of later tests."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def files_under(root: Path) -> set[Path]:
+    return set(root.rglob("*"))
+
+
+@pytest.fixture
+def load(tiny_llama, tmp_path, load_cfg):
+    """Write a config with these overrides to a YAML file and load it as axolotl does."""
+
+    def _load(adapter: str | None = "lora", **overrides):
+        cfg = make_config(tiny_llama, tmp_path, adapter=adapter, ila_ranking=str(tmp_path / "rankings" / "tiny.json"))
+        cfg.update(overrides)
+        cfg = {k: v for k, v in cfg.items() if v is not None}
+        path = write_config(cfg, tmp_path / "config.yml")
+        return load_cfg(str(path))
+
+    return _load
+
+
+@pytest.fixture
+def refused(load, tmp_path):
+    """Load a config that must be refused: return the error text, check nothing was written."""
+
+    def _refused(match: str, adapter: str | None = "lora", **overrides) -> str:
+        before = files_under(tmp_path)
+        with pytest.raises(ValidationError, match=match) as info:
+            load(adapter=adapter, **overrides)
+        after = files_under(tmp_path)
+        assert after == before | {tmp_path / "config.yml"}, f"a refused config wrote {after - before}"
+        assert not (tmp_path / "rankings").exists()
+        assert not (tmp_path / "run").exists()
+        return str(info.value)
+
+    return _refused
+
+
+# -- accepted --------------------------------------------------------------------
+
+
+def test_defaults_are_filled(load):
+    cfg = load()
+    assert cfg.ila_search == "auto"
+    assert cfg.ila_strategy == "ila"
+    assert cfg.ila_drop_fraction is None and cfg.ila_keep_fraction is None  # selection defaults to drop 0.25
+    assert cfg.ila_gate_steps == 128
+    assert cfg.ila_seed == 42
+    assert cfg.ila_ranking.endswith("tiny.json")
+
+
+def test_keep_fraction_full_fine_tuning_and_unranked_strategy(load):
+    cfg = load(adapter=None, ila_keep_fraction=0.3, ila_strategy="mid_block", ila_ranking=None)
+    assert cfg.adapter is None and cfg.ila_keep_fraction == 0.3 and cfg.ila_strategy == "mid_block"
+
+
+def test_qlora_is_accepted(load):
+    cfg = load(adapter="qlora", load_in_4bit=True, ila_drop_fraction=0.2, ila_search="always")
+    assert cfg.adapter == "qlora" and cfg.ila_drop_fraction == 0.2 and cfg.ila_search == "always"
+
+
+# -- refused ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["ila_drop_fraction", "ila_keep_fraction"])
+@pytest.mark.parametrize("value", [0, 1, -0.25, 1.5])
+def test_fraction_outside_the_open_unit_interval(refused, key, value):
+    message = refused(rf"{key} must be between 0 and 1 \(exclusive\), got {float(value)}", **{key: value})
+    assert f"e.g. {key}: 0.25" in message
+
+
+def test_other_fractions_are_checked_too(refused):
+    refused(r"ila_gate_budget must be between 0 and 1", ila_gate_budget=1.0)
+
+
+def test_both_drop_and_keep(refused):
+    refused(
+        "set either ila_drop_fraction .* or ila_keep_fraction .*, not both",
+        ila_drop_fraction=0.25,
+        ila_keep_fraction=0.3,
+    )
+
+
+def test_unknown_strategy(refused):
+    message = refused("ila_strategy: unknown strategy 'best'", ila_strategy="best")
+    for strategy in ("ila", "update_norm", "random", "first", "last", "mid_block"):
+        assert strategy in message
+
+
+def test_unknown_search_mode(refused):
+    refused(r"ila_search\n.*'auto', 'always' or 'never'", ila_search="sometimes")
+
+
+def test_unsupported_adapter(refused):
+    # axolotl itself accepts llama-adapter; the plugin must refuse it.
+    refused(
+        r"axolotl_ila.ILAPlugin supports adapter: lora, qlora, or no adapter .* not adapter: llama-adapter",
+        adapter="llama-adapter",
+    )
+
+
+def test_ila_strategy_without_ranking(refused):
+    refused(r"ila_strategy: ila needs a ranking file: set ila_ranking", ila_ranking=None)
+
+
+def test_update_norm_strategy_without_ranking(refused):
+    refused(r"ila_strategy: update_norm needs a ranking file", ila_ranking=None, ila_strategy="update_norm")
+
+
+def test_search_never_without_ranking(refused):
+    refused(r"ila_search: never needs ila_ranking", ila_ranking=None, ila_search="never", ila_strategy="random")
+
+
+def test_unfrozen_parameters_with_full_fine_tuning(refused):
+    refused(
+        r"unfrozen_parameters and axolotl_ila.ILAPlugin both decide what full fine-tuning trains",
+        adapter=None,
+        unfrozen_parameters=[r"model.layers.0.*"],
+    )
+
+
+def test_fsdp_without_orig_params_in_full_fine_tuning(refused):
+    refused(
+        r"fsdp_config.use_orig_params: true",
+        adapter=None,
+        fsdp_version=2,
+        fsdp_config={"use_orig_params": False, "fsdp_version": 2},
+    )
+
+
+@pytest.mark.parametrize("key", ["ila_gate_steps", "ila_stability_window"])
+def test_positive_integers(refused, key):
+    refused(rf"{key} must be a positive integer, got 0", **{key: 0})
