@@ -6,6 +6,8 @@ check here runs at config load, before any dataset or weight is touched.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
@@ -151,16 +153,36 @@ def check_combination(data: dict[str, Any]) -> None:
             "unfrozen_parameters and axolotl_ila.ILAPlugin both decide what full fine-tuning "
             "trains; remove one of them"
         )
-    if adapter is None and data.get("fsdp_config"):
-        fsdp = data["fsdp_config"]
-        if isinstance(fsdp, dict) and fsdp.get("use_orig_params") is False:
-            raise ValueError(
-                "full fine-tuning with ILA freezes some linear weights, which FSDP only allows "
-                "with fsdp_config.use_orig_params: true"
-            )
-    deepspeed = str(data.get("deepspeed") or "")
-    if adapter is None and "zero3" in deepspeed:
+    if adapter is None and _fsdp_without_orig_params(data.get("fsdp_config")):
+        raise ValueError(
+            "full fine-tuning with ILA freezes some linear weights, which FSDP only allows "
+            "with fsdp_config.use_orig_params: true"
+        )
+    if adapter is None and _deepspeed_stage(data.get("deepspeed")) == 3:
         raise ValueError(
             "full fine-tuning with ILA freezes some linear weights, which DeepSpeed ZeRO-3 "
             "does not handle reliably; use ZeRO-2, FSDP (use_orig_params: true) or LoRA"
         )
+
+
+def _fsdp_without_orig_params(fsdp: Any) -> bool:
+    """axolotl accepts both ``use_orig_params`` and the older ``fsdp_use_orig_params``."""
+    if not isinstance(fsdp, dict):
+        return False
+    return fsdp.get("use_orig_params", fsdp.get("fsdp_use_orig_params")) is False
+
+
+def _deepspeed_stage(deepspeed: Any) -> int | None:
+    """ZeRO stage of a DeepSpeed config given as a dict or a JSON file path."""
+    if isinstance(deepspeed, (str, Path)):
+        path = Path(deepspeed)
+        if not path.is_file():
+            return 3 if "zero3" in path.name else None  # axolotl's bundled names, e.g. deepspeed_configs/zero3.json
+        try:
+            deepspeed = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None  # axolotl reports an unreadable DeepSpeed file itself
+    if isinstance(deepspeed, dict):
+        stage = (deepspeed.get("zero_optimization") or {}).get("stage")
+        return int(stage) if isinstance(stage, (int, str)) and str(stage).isdigit() else None
+    return None

@@ -18,7 +18,15 @@ T = TypeVar("T")
 
 
 def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
+    """True in a multi-process run; joins the process group if the launcher
+    (torchrun / accelerate) started several processes and nobody has yet."""
+    if not dist.is_available():
+        return False
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        PartialState()  # initializes the default process group from the launcher's env
+    return dist.is_initialized()
 
 
 def rank() -> int:

@@ -161,3 +161,31 @@ def test_fsdp_without_orig_params_in_full_fine_tuning(refused):
 @pytest.mark.parametrize("key", ["ila_gate_steps", "ila_stability_window"])
 def test_positive_integers(refused, key):
     refused(rf"{key} must be a positive integer, got 0", **{key: 0})
+
+
+# -- cross-key checks on the raw dict (no axolotl load needed) ---------------------
+
+
+def test_fsdp_prefixed_use_orig_params_is_refused_too():
+    from axolotl_ila.args import check_combination
+
+    with pytest.raises(ValueError, match=r"use_orig_params: true"):
+        check_combination({"ila_strategy": "first", "fsdp_config": {"fsdp_use_orig_params": False}})
+
+
+@pytest.mark.parametrize("as_file", [False, True])
+def test_deepspeed_zero3_is_refused_by_stage_not_name(tmp_path, as_file):
+    import json
+
+    from axolotl_ila.args import check_combination
+
+    ds = {"zero_optimization": {"stage": 3}}
+    if as_file:
+        path = tmp_path / "ds_stage_three.json"
+        path.write_text(json.dumps(ds))
+        ds = str(path)
+    with pytest.raises(ValueError, match=r"DeepSpeed ZeRO-3"):
+        check_combination({"ila_strategy": "first", "deepspeed": ds})
+    # ZeRO-2 is fine, and LoRA with ZeRO-3 is fine (no frozen base weights of ours).
+    check_combination({"ila_strategy": "first", "deepspeed": {"zero_optimization": {"stage": 2}}})
+    check_combination({"ila_strategy": "first", "adapter": "lora", "deepspeed": ds})
