@@ -9,7 +9,6 @@ ranks train the same selection even if their own scores differed in the last bit
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Callable, TypeVar
 
 import torch.distributed as dist
@@ -81,9 +80,3 @@ def same_on_all_ranks(value: str) -> bool:
     gathered: list[str | None] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, value)
     return all(v == value for v in gathered)
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    import hashlib
-
-    return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()

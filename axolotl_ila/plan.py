@@ -17,12 +17,13 @@ from typing import Any, Callable
 
 from axolotl_ila.application import skeleton_model, target_candidates
 from axolotl_ila.architecture import fingerprint, linear_modules
-from axolotl_ila.distributed import file_digest, main_writes_all_read, same_on_all_ranks
+from axolotl_ila.distributed import main_writes_all_read, same_on_all_ranks
 from axolotl_ila.ranking import (
     Ranking,
     RankingError,
     check_architecture,
     check_writable,
+    file_digest,
     load_ranking,
     save_ranking,
     write_json_atomic,

@@ -13,6 +13,7 @@ is not a ranking of the same architecture.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -262,6 +263,11 @@ def check_writable(path: str | os.PathLike, fingerprint: str) -> None:
             f"({existing.model.get('base_model')}); it will not be overwritten. "
             f"Set `ila_ranking` to a new path for this model."
         )
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """Identity of a file's exact bytes, as recorded next to a ranking's use."""
+    return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from axolotl_ila import distributed
-from axolotl_ila.ranking import ModuleScore, Ranking, load_ranking, save_ranking
+from axolotl_ila.ranking import ModuleScore, Ranking, file_digest, load_ranking, save_ranking
 
 WORLD_SIZE = 2
 TIMEOUT_S = 120
@@ -60,7 +60,7 @@ def _worker(rank: int, root: str, port: int) -> None:
         loaded = distributed.main_writes_all_read(write, lambda: load_ranking(path))
         result["order"] = loaded.names
         result["search"] = loaded.search
-        result["digest_agrees"] = distributed.same_on_all_ranks(distributed.file_digest(path))
+        result["digest_agrees"] = distributed.same_on_all_ranks(file_digest(path))
         result["rank_string_agrees"] = distributed.same_on_all_ranks(f"rank-{rank}")
 
         # 2. The writer fails: every rank gets the error, nobody waits forever.
