@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from axolotl_ila.application import skeleton_model, target_candidates
 from axolotl_ila.architecture import fingerprint, linear_modules
-from axolotl_ila.distributed import main_writes_all_read, same_on_all_ranks
+from axolotl_ila.distributed import is_main_process, main_writes_all_read, same_on_all_ranks
 from axolotl_ila.ranking import (
     Ranking,
     RankingError,
@@ -176,6 +176,8 @@ def resolve_plan(
         searched = run_search(cfg, info)
         ranking = main_writes_all_read(lambda: save_ranking(searched, path), lambda: load_ranking(path))
         LOG.info("ILA: wrote ranking %s", path)
+        if is_main_process():
+            write_heatmap(ranking, path, cfg)
 
     order = importance_order(info.candidates, strategy, ranking=ranking)
     selection = select(info.candidates, order, strategy, **fractions)
@@ -185,6 +187,23 @@ def resolve_plan(
     if not same_on_all_ranks(identity["digest"]):
         raise RankingError(f"ranking file {path} differs between processes; put it on a filesystem all ranks share.")
     return Plan(selection=selection, model=info, ranking_identity=identity)
+
+
+def write_heatmap(ranking: Ranking, ranking_path: Path, cfg: Any) -> None:
+    """The ranking's picture next to it (``ranking.png``), at the run's fractions."""
+    from axolotl_ila.plots import heatmap
+
+    png = ranking_path.with_suffix(".png")
+    if png.exists() and png.read_bytes()[:8] != b"\x89PNG\r\n\x1a\n":
+        LOG.warning("ILA: %s exists and is not a PNG; not overwriting it with the heatmap", png)
+        return
+    try:
+        heatmap(ranking, png, drop_fraction=cfg.ila_drop_fraction, keep_fraction=cfg.ila_keep_fraction)
+    except SelectionError:
+        # The run's fraction does not apply to every module set (e.g. combined
+        # rankings); draw the default drop 25% instead.
+        heatmap(ranking, png)
+    LOG.info("ILA: heatmap %s", png)
 
 
 def write_record(plan: Plan, output_dir: str | Path) -> Path:

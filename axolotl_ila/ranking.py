@@ -254,14 +254,15 @@ def check_writable(path: str | os.PathLike, fingerprint: str) -> None:
         existing = load_ranking(path)
     except RankingError as exc:
         raise RankingError(
-            f"ila_ranking {path} exists and is not a valid ILA ranking, so it will not be "
-            f"overwritten ({exc}). Move it away or set `ila_ranking` to a new path."
+            f"{path} exists and is not a valid ILA ranking, so it will not be overwritten "
+            f"({exc}). Move it away, or write the ranking to another path (`ila_ranking`, or "
+            f"`-o` of `axolotl-ila combine`)."
         ) from exc
     if existing.fingerprint != fingerprint:
         raise RankingError(
-            f"ila_ranking {path} holds a ranking for another architecture "
+            f"{path} holds a ranking for another architecture "
             f"({existing.model.get('base_model')}); it will not be overwritten. "
-            f"Set `ila_ranking` to a new path for this model."
+            f"Write this model's ranking to another path (`ila_ranking`, or `-o`)."
         )
 
 

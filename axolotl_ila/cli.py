@@ -1,0 +1,233 @@
+"""``axolotl-ila``: search, show, compare and combine rankings.
+
+Errors in what the user gave (a file, a flag) print one line,
+``axolotl-ila: error: ...``, and exit with status 2; nothing is half-written.
+axolotl itself is imported only by ``search`` and ``quickstart``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+from axolotl_ila.analysis import COMBINE_METHODS, combine, compare, top_set
+from axolotl_ila.architecture import block_index, module_kind
+from axolotl_ila.ranking import Ranking, RankingError, file_digest, load_ranking, save_ranking
+from axolotl_ila.selection import Selection, SelectionError, importance_order, select
+
+
+class UsageError(Exception):
+    """Bad input from the command line; printed as one line, exit status 2."""
+
+
+def _selection(ranking: Ranking, drop: float | None, keep: float | None) -> Selection:
+    for key, value in (("--drop-fraction", drop), ("--keep-fraction", keep)):
+        if value is not None and not 0.0 < value < 1.0:
+            raise UsageError(f"{key} must be between 0 and 1 (exclusive), got {value}")
+    order = importance_order(ranking.names, "ila", ranking=ranking)
+    return select(ranking.names, order, "ila", drop_fraction=drop, keep_fraction=keep)
+
+
+def _per_group(selection: Selection, key: Callable[[str], Any]) -> list[tuple[Any, int, int]]:
+    kept = Counter(map(key, selection.kept))
+    every = Counter(map(key, selection.kept + selection.dropped))
+    return [(group, kept[group], every[group]) for group in sorted(every, key=lambda g: (g is None, g if g is not None else 0))]
+
+
+def show_json(ranking: Ranking, selection: Selection, path: Path) -> dict[str, Any]:
+    return {
+        "ranking": str(path),
+        "model": ranking.model,
+        "scorer": ranking.scorer,
+        "modules": [dict(m.to_json(), rank=i + 1, kept=m.name in set(selection.kept)) for i, m in enumerate(ranking.modules)],
+        "selection": selection.to_json(),
+        "per_type": {k: {"kept": kept, "all": n} for k, kept, n in _per_group(selection, module_kind)},
+        "per_block": {str(b): {"kept": kept, "all": n} for b, kept, n in _per_group(selection, block_index)},
+        "search": {k: ranking.search.get(k) for k in ("method", "created", "seed", "stage1", "stage2", "data", "combine") if k in ranking.search},
+    }
+
+
+def show_text(ranking: Ranking, selection: Selection, path: Path, top: int) -> str:
+    model = ranking.model
+    lines = [
+        f"ranking   {path}",
+        f"model     {model.get('base_model')} ({model.get('model_type')}, {model.get('num_linear_modules')} linear modules, {ranking.fingerprint[:19]}...)",
+        f"scorer    {ranking.scorer}, {len(ranking.modules)} modules ranked",
+    ]
+    search = ranking.search
+    data = (search.get("data") or {}).get("datasets")
+    if data:
+        lines.append("data      " + ", ".join(str(d.get("path")) for d in data))
+    for stage in ("stage1", "stage2"):
+        info = search.get(stage)
+        if info:
+            extra = f", stopped: {info['stop_reason']}" if "stop_reason" in info else ""
+            lines.append(f"{stage}    {info.get('steps')} steps, {info.get('wall_s', 0):.1f} s, loss {info.get('loss_first', 0):.4f} -> {info.get('loss_last', 0):.4f}{extra}")
+    if search.get("method") == "combine":
+        combined = search["combine"]
+        lines.append(f"combined  {combined['method']} of {', '.join(i['path'] for i in combined['inputs'])}")
+    kept = set(selection.kept)
+    has_norm = all(m.update_norm is not None for m in ranking.modules)
+    lines += ["", f"  {'rank':>4}  {'score':>9}  {'upd norm' if has_norm else '':>9}  {'':4}  module"]
+    count = len(ranking.modules)
+    shown = sorted(set(range(min(top, count))) | set(range(max(count - top, 0), count)))
+    previous = -1
+    for i in shown:
+        if i != previous + 1:
+            lines.append("  ...")
+        m = ranking.modules[i]
+        norm = f"{m.update_norm:>9.4f}" if has_norm else " " * 9
+        lines.append(f"  {i + 1:>4}  {m.score:>9.4f}  {norm}  {'keep' if m.name in kept else 'DROP':4}  {m.name}")
+        previous = i
+    lines += ["", f"at {selection.mode} {selection.fraction:g}: kept {len(selection.kept)}, dropped {len(selection.dropped)}", "", "per type (kept/all):"]
+    lines += [f"  {kind:<24} {k}/{n}" for kind, k, n in _per_group(selection, module_kind)]
+    blocks = _per_group(selection, block_index)
+    lines += ["", "per block (kept/all):", "  " + "  ".join(f"{'head' if b is None else b}:{k}/{n}" for b, k, n in blocks)]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from axolotl_ila.plugin import search_config_file
+    from axolotl_ila.search import top_bottom_table
+
+    config = Path(args.config)
+    if not config.is_file():
+        raise UsageError(f"config {config} does not exist")
+    plan = search_config_file(str(config))
+    ranking_path = Path(plan.ranking_identity["path"])
+    ranking = load_ranking(ranking_path)
+    print(top_bottom_table(ranking))
+    print(f"\nranking written to {ranking_path}, heatmap {ranking_path.with_suffix('.png')}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    path = Path(args.ranking)
+    ranking = load_ranking(path)
+    selection = _selection(ranking, args.drop_fraction, args.keep_fraction)
+    if args.json:
+        print(json.dumps(show_json(ranking, selection, path), indent=2))
+    else:
+        print(show_text(ranking, selection, path, args.top))
+    if args.png:
+        from axolotl_ila.plots import heatmap
+
+        out = heatmap(ranking, args.png, drop_fraction=args.drop_fraction, keep_fraction=args.keep_fraction)
+        print(f"heatmap written to {out}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def _load_all(paths: list[str]) -> tuple[list[Ranking], list[str]]:
+    return [load_ranking(p) for p in paths], list(paths)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    if not 0.0 < args.top <= 1.0:
+        raise UsageError(f"--top must be in (0, 1], got {args.top}")
+    rankings, labels = _load_all(args.rankings)
+    result = compare(rankings, labels, p=args.top)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+        return 0
+    short = [Path(label).stem for label in labels]
+    width = max(8, *map(len, short))
+    size = len(top_set(rankings[0], args.top))
+    print(f"Jaccard similarity of the top-{args.top:g} sets ({size} of {len(rankings[0].names)} modules each)")
+    print(" " * width + "  " + "  ".join(f"{s:>{width}}" for s in short))
+    for label, row in zip(short, result.matrix):
+        print(f"{label:>{width}}  " + "  ".join(f"{v:>{width}.3f}" for v in row))
+    print()
+    for pair in result.to_json()["pairs"]:
+        print(f"{Path(pair['a']).stem} vs {Path(pair['b']).stem}: {pair['jaccard']:.3f}")
+    print(f"\nin every top set: {len(result.in_all)} modules; in some but not all: {len(result.in_some)}")
+    if result.in_some:
+        print("  " + ", ".join(result.in_some[:12]) + (" ..." if len(result.in_some) > 12 else ""))
+    return 0
+
+
+def cmd_combine(args: argparse.Namespace) -> int:
+    rankings, labels = _load_all(args.rankings)
+    digests = [file_digest(p) for p in labels]
+    combined = combine(rankings, labels, method=args.method, k_fraction=args.k_fraction, digests=digests)
+    save_ranking(combined, args.output)
+    print(f"combined {len(rankings)} rankings ({args.method}) into {args.output}")
+    details = combined.search["combine"]
+    if args.method == "intersect":
+        least = details["least_important"]
+        print(
+            f"least important in every input's bottom {details['k']}: {len(least)} modules"
+            + (f"; to drop exactly these, set ila_drop_fraction: {details['drop_fraction_for_intersection']}" if least else "; nothing is common to all bottom sets")
+        )
+        for name in least:
+            print(f"  {name}")
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from axolotl_ila.quickstart import run_quickstart
+
+    return run_quickstart(args.dir)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "search": cmd_search,
+    "show": cmd_show,
+    "compare": cmd_compare,
+    "combine": cmd_combine,
+    "quickstart": cmd_quickstart,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="axolotl-ila", description="ILA layer importance for Axolotl: search, show, compare and combine rankings.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("search", help="run the search a config describes and write its ila_ranking (+ heatmap PNG)")
+    p.add_argument("config", help="axolotl config YAML with axolotl_ila.ILAPlugin and ila_ranking")
+
+    p = sub.add_parser("show", help="table of a ranking, and optionally its heatmap")
+    p.add_argument("ranking")
+    p.add_argument("--png", help="write the heatmap (block x module type) to this PNG")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--drop-fraction", type=float, help="mark the least important fraction as dropped (default 0.25)")
+    group.add_argument("--keep-fraction", type=float, help="mark all but the top fraction as dropped")
+    p.add_argument("--top", type=int, default=10, help="modules shown at each end (default 10)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("compare", help="Jaccard similarity of the top-p sets, for every pair")
+    p.add_argument("rankings", nargs="+")
+    p.add_argument("--top", type=float, default=0.75, help="p, the top fraction compared (default 0.75)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("combine", help="one ranking from several of the same model")
+    p.add_argument("rankings", nargs="+")
+    p.add_argument("-o", "--output", required=True, help="ranking file to write")
+    p.add_argument("--method", choices=COMBINE_METHODS, default="intersect")
+    p.add_argument("--k-fraction", type=float, default=0.25, help="intersect: K as a fraction of the modules (default 0.25)")
+
+    p = sub.add_parser("quickstart", help="build a tiny model and data, and train it with ILA (CPU, about a minute)")
+    p.add_argument("--dir", default="ila-quickstart", help="where to build (default ila-quickstart)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command in ("compare", "combine") and len(args.rankings) < 2:
+            raise UsageError(f"{args.command} needs at least two rankings")
+        return COMMANDS[args.command](args)
+    except (UsageError, RankingError, SelectionError, ValueError, FileNotFoundError) as exc:
+        message = " ".join(str(exc).split())
+        print(f"axolotl-ila: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

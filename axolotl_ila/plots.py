@@ -1,0 +1,109 @@
+"""The ranking heatmap (the paper's Fig. 1): block index by module type.
+
+Colour is the score; the modules dropped at the given fraction carry an ``x``.
+Modules outside the blocks (``lm_head``) get a column of their own at the right.
+The image is ``max(8, 2.5 + 0.32 * columns)`` by ``1.6 + 0.42 * types`` inches at
+100 dpi, so its pixel size depends only on the model's shape.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from axolotl_ila.architecture import block_index, module_kind
+from axolotl_ila.ranking import Ranking
+from axolotl_ila.selection import importance_order, select
+
+DPI = 100
+
+
+def figure_size(ranking: Ranking) -> tuple[float, float]:
+    """Inches (width, height) of the heatmap for this ranking's module layout."""
+    blocks = {block_index(n) for n in ranking.names}
+    columns = len({b for b in blocks if b is not None}) + (1 if None in blocks else 0)
+    types = len({module_kind(n) for n in ranking.names if block_index(n) is not None}) or 1
+    return max(8.0, 2.5 + 0.32 * columns), 1.6 + 0.42 * types
+
+
+def _short_data(ranking: Ranking) -> str:
+    datasets = (ranking.search.get("data") or {}).get("datasets") or []
+    names = [Path(str(d.get("path", "?"))).name for d in datasets if isinstance(d, dict)]
+    if ranking.search.get("method") == "combine":
+        inputs = ranking.search.get("combine", {}).get("inputs", [])
+        return f"combined from {len(inputs)} rankings"
+    return ", ".join(names) or "unknown data"
+
+
+def heatmap(
+    ranking: Ranking,
+    out_png: str | os.PathLike,
+    drop_fraction: float | None = None,
+    keep_fraction: float | None = None,
+    scorer: str = "score",
+) -> Path:
+    """Draw the heatmap to ``out_png`` (written atomically) and return its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = ranking.names
+    order = importance_order(names, "ila" if scorer == "score" else scorer, ranking=ranking)
+    selection = select(names, order, "ila", drop_fraction=drop_fraction, keep_fraction=keep_fraction)
+    dropped = set(selection.dropped)
+    values = {m.name: (m.score if scorer == "score" else m.update_norm) for m in ranking.modules}
+
+    block_ids = sorted({b for b in map(block_index, names) if b is not None})
+    # The ranking does not keep model order, so types are listed alphabetically
+    # (mlp.* above self_attn.*), the same for every ranking of a model.
+    kinds = sorted({module_kind(n) for n in names if block_index(n) is not None})
+    outside = [n for n in names if block_index(n) is None]
+    columns = [str(b) for b in block_ids] + (["head"] if outside else [])
+    rows = kinds or ["modules"]
+
+    grid = np.full((len(rows), len(columns)), np.nan)
+    marks = []
+    for name in names:
+        block = block_index(name)
+        if block is None:
+            col, row = len(columns) - 1, 0
+        else:
+            col, row = block_ids.index(block), rows.index(module_kind(name))
+        grid[row, col] = values[name]
+        if name in dropped:
+            marks.append((col, row))
+
+    width, height = figure_size(ranking)
+    fig, ax = plt.subplots(figsize=(width, height), dpi=DPI)
+    image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis", interpolation="nearest")
+    for col, row in marks:
+        ax.text(col, row, "x", ha="center", va="center", color="white", fontsize=9, fontweight="bold")
+    ax.set_xticks(range(len(columns)), columns, fontsize=7)
+    ax.set_yticks(range(len(rows)), rows, fontsize=8)
+    ax.set_xlabel("transformer block" + (" (head: modules outside blocks, e.g. lm_head)" if outside else ""))
+    fraction = f"{selection.mode} {selection.fraction:g}"
+    ax.set_title(
+        f"{ranking.model.get('base_model', '?')}: {ranking.scorer if scorer == 'score' else scorer} "
+        f"({_short_data(ranking)}); x = dropped at {fraction} ({len(dropped)}/{len(names)})",
+        fontsize=9,
+    )
+    bar = fig.colorbar(image, ax=ax, fraction=0.03, pad=0.01)
+    bar.set_label("gate score" if scorer == "score" and ranking.scorer == "ila_gate" else scorer, fontsize=8)
+    fig.tight_layout()
+
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=DPI, format="png")
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+    return out
