@@ -50,6 +50,18 @@ def tiny_neox(tmp_path_factory) -> dict[str, Path]:
     return build_workspace(tmp_path_factory.mktemp("neox"), "gpt_neox")
 
 
+@pytest.fixture(scope="session")
+def searched(tiny_llama, tmp_path_factory) -> dict[str, Any]:
+    """One real training run with no ranking present: it searches, writes the
+    ranking (and its heatmap), then trains. Shared by the tests that need a
+    ranking made by the real search."""
+    out = tmp_path_factory.mktemp("searched")
+    ranking = out / "rankings" / "tiny-llama.json"
+    cfg = make_config(tiny_llama, out, ila_ranking=str(ranking), ila_gate_steps=16)
+    result = run_train(write_config(cfg, out / "config.yml"))
+    return {"out": out, "ranking": ranking, "result": result, "cfg": cfg}
+
+
 def make_config(workspace: dict[str, Path], out: Path, adapter: str | None = "lora", **overrides: Any) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "base_model": str(workspace["model"]),

@@ -15,16 +15,6 @@ from conftest import adapter_modules, load_tensors, make_config, read_json, run_
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def searched(tiny_llama, tmp_path_factory):
-    """One training run with no ranking present: it searches, writes, trains."""
-    out = tmp_path_factory.mktemp("searched")
-    ranking = out / "rankings" / "tiny-llama.json"
-    cfg = make_config(tiny_llama, out, ila_ranking=str(ranking), ila_gate_steps=16)
-    result = run_train(write_config(cfg, out / "config.yml"))
-    return {"out": out, "ranking": ranking, "result": result, "cfg": cfg}
-
-
 def test_search_runs_then_adapters_sit_exactly_on_the_selection(searched):
     ranking = load_ranking(searched["ranking"])
     assert len(ranking.modules) == 28  # 4 blocks x 7 linear modules, lm_head not targeted
