@@ -29,11 +29,18 @@ def figure_size(ranking: Ranking) -> tuple[float, float]:
 
 def _short_data(ranking: Ranking) -> str:
     datasets = (ranking.search.get("data") or {}).get("datasets") or []
-    names = [Path(str(d.get("path", "?"))).name for d in datasets if isinstance(d, dict)]
+    # The folder and file name tell datasets apart ("manpages/train.jsonl").
+    names = ["/".join(Path(str(d.get("path", "?"))).parts[-2:]) for d in datasets if isinstance(d, dict)]
     if ranking.search.get("method") == "combine":
         inputs = ranking.search.get("combine", {}).get("inputs", [])
         return f"combined from {len(inputs)} rankings"
     return ", ".join(names) or "unknown data"
+
+
+def _short_model(ranking: Ranking) -> str:
+    """A hub id as is; a local folder by its name."""
+    base = str(ranking.model.get("base_model") or "?")
+    return Path(base).name if base.startswith(("/", ".")) else base
 
 
 def heatmap(
@@ -86,7 +93,7 @@ def heatmap(
     ax.set_xlabel("transformer block" + (" (head: modules outside blocks, e.g. lm_head)" if outside else ""))
     fraction = f"{selection.mode} {selection.fraction:g}"
     ax.set_title(
-        f"{ranking.model.get('base_model', '?')}: {ranking.scorer if scorer == 'score' else scorer} "
+        f"{_short_model(ranking)}: {ranking.scorer if scorer == 'score' else scorer} "
         f"({_short_data(ranking)}); x = dropped at {fraction} ({len(dropped)}/{len(names)})",
         fontsize=9,
     )

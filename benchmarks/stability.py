@@ -63,7 +63,7 @@ def main(argv=None) -> int:
         path = rankings / f"{name}.json"
         if not path.exists():
             started = time.perf_counter()
-            search(config(args.model, dataset, work, name, seed=seed, ila_ranking=str(path), ila_warmup_max_steps=warmup, ila_warmup_min_steps=0, **common))
+            search(config(args.model, dataset, work, name, seed=seed, plugins=["axolotl_ila.ILAPlugin"], ila_ranking=str(path), ila_warmup_max_steps=warmup, ila_warmup_min_steps=0, **common))
             print(f"  searched {name} in {time.perf_counter() - started:.0f} s", flush=True)
         return path
 
