@@ -223,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("compare", "combine") and len(args.rankings) < 2:
             raise UsageError(f"{args.command} needs at least two rankings")
         return COMMANDS[args.command](args)
+    except BrokenPipeError:  # output piped into `head`
+        sys.stderr.close()
+        return 0
     except (UsageError, RankingError, SelectionError, ValueError, FileNotFoundError) as exc:
         message = " ".join(str(exc).split())
         print(f"axolotl-ila: error: {message}", file=sys.stderr)

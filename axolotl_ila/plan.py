@@ -10,6 +10,7 @@ skeleton, before datasets or weights are loaded.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,8 +109,6 @@ def _selection_from_record(cfg: Any, info: ModelInfo, current: Selection | None)
             f"trained with an ILA selection, so their adapters would not fit. Resume without the "
             f"ILA plugin, or start a fresh output_dir."
         )
-    import json
-
     record = json.loads(path.read_text(encoding="utf-8"))
     if record.get("format") != RECORD_FORMAT:
         raise SelectionError(f"{path} is not an ILA selection record; start a fresh output_dir.")
@@ -162,7 +161,8 @@ def resolve_plan(
 
     path = Path(cfg.ila_ranking)
     mode = "always" if force_search else (cfg.ila_search or "auto")
-    if resuming and not path.exists():
+    if resuming and (not path.exists() or mode == "always"):
+        # A resumed run never searches: its adapters already have a shape.
         return _selection_from_record(cfg, info, None)
 
     if mode == "never" or (mode == "auto" and path.exists()):

@@ -33,6 +33,10 @@ SCORE_FIELDS = ("score", "update_norm")
 class RankingError(ValueError):
     """A ranking file that cannot be used, with the reason and the fix."""
 
+    def __init__(self, message: str, problem: str | None = None):
+        super().__init__(message)
+        self.problem = problem or message
+
 
 @dataclass
 class ModuleScore:
@@ -118,7 +122,7 @@ class Ranking:
 
 
 def _fail(path: str | os.PathLike, problem: str, fix: str) -> RankingError:
-    return RankingError(f"ranking file {path}: {problem}. {fix}")
+    return RankingError(f"ranking file {path}: {problem}. {fix}", problem=problem)
 
 
 _REMAKE = "Re-run `axolotl-ila search CONFIG` to make a new one, or point `ila_ranking` at a valid ranking."
@@ -254,9 +258,9 @@ def check_writable(path: str | os.PathLike, fingerprint: str) -> None:
         existing = load_ranking(path)
     except RankingError as exc:
         raise RankingError(
-            f"{path} exists and is not a valid ILA ranking, so it will not be overwritten "
-            f"({exc}). Move it away, or write the ranking to another path (`ila_ranking`, or "
-            f"`-o` of `axolotl-ila combine`)."
+            f"{path} exists and is not a valid ILA ranking ({exc.problem}), so it will not be "
+            f"overwritten. Move it away, or write the ranking to another path (`ila_ranking`, "
+            f"or `-o` of `axolotl-ila combine`)."
         ) from exc
     if existing.fingerprint != fingerprint:
         raise RankingError(
