@@ -446,6 +446,9 @@ def search_ranking(cfg: Any, dataset_meta: Any, info: ModelInfo) -> Ranking:
     ranking = Ranking.from_scores(
         scores, model=info.model_section, search=search, update_norms=norms, module_order=info.candidates
     )
+    # Release the search model before the real one is built: the accelerator
+    # keeps references to what it prepared.
+    trainer.accelerator.free_memory()
     del trainer, model, layers
     gc.collect()
     if torch.cuda.is_available():

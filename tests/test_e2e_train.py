@@ -124,3 +124,30 @@ def test_selection_matches_library_logic(searched):
     selection = select(ranking.names, order, "ila", drop_fraction=0.25)
     record = read_json(searched["out"] / "run" / "ila_selection.json")
     assert sorted(record["kept"]) == sorted(selection.kept)
+
+
+@pytest.mark.parametrize(
+    "overrides, existing, message",
+    [
+        ({"ila_keep_fraction": 0.01}, None, "ila_keep_fraction: 0.01 of 28 modules would leave no module to train"),
+        ({"ila_search": "never"}, None, "does not exist"),
+        ({"ila_search": "always"}, "my notes\n", "exists and is not a valid ILA ranking"),
+        ({}, '{"format": "something-else"}', "'format' is 'something-else'"),
+    ],
+)
+def test_bad_input_stops_before_any_work_and_writes_nothing(tiny_llama, tmp_path, overrides, existing, message):
+    ranking = tmp_path / "ranking.json"
+    if existing is not None:
+        ranking.write_text(existing)
+    cfg = make_config(tiny_llama, tmp_path, ila_ranking=str(ranking), **overrides)
+    result = run_train(write_config(cfg, tmp_path / "config.yml"), check=False)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert str(ranking) in result.stderr or "ila_keep_fraction" in message
+    # No data prepared, no weights, no record: only the log axolotl opens at start.
+    assert not (tmp_path / "prepared").exists()
+    assert {p.name for p in (tmp_path / "run").iterdir()} <= {"debug.log"}
+    if existing is None:
+        assert not ranking.exists()
+    else:
+        assert ranking.read_text() == existing
