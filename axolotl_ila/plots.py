@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from axolotl_ila.architecture import block_index, module_kind
-from axolotl_ila.ranking import Ranking
+from axolotl_ila.ranking import Ranking, default_file_mode
 from axolotl_ila.selection import importance_order, select
 
 DPI = 100
@@ -105,6 +105,7 @@ def heatmap(
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
     os.close(fd)
+    os.chmod(tmp, default_file_mode())
     try:
         fig.savefig(tmp, dpi=DPI, format="png")
         os.replace(tmp, out)
