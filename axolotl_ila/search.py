@@ -365,12 +365,14 @@ def _data_identity(cfg: Any, dataset_meta: Any) -> dict[str, Any]:
 
 
 def search_ranking(cfg: Any, dataset_meta: Any, info: ModelInfo) -> Ranking:
-    """Run both stages on the run's own data and return the ranking."""
+    """Run both stages on the run's own data and return the ranking.
+
+    Callers run ``check_search_config(cfg)`` first, before loading the data.
+    """
     from axolotl.train import setup_model_and_tokenizer
     from axolotl.utils.trainer import setup_trainer
     from transformers import set_seed
 
-    check_search_config(cfg)
     total = planned_steps(cfg, dataset_meta)
     cap = warmup_cap(cfg, total)
     scfg = search_config(cfg, cap)
