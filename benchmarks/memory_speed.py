@@ -32,11 +32,12 @@ from pathlib import Path
 # Llama-shaped configs with random weights (no download); names are ours.
 RANDOM_SHAPES = {
     "random-llama-tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8),
+    "random-llama-400m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16),
     "random-llama-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16),
     # The paper's Table 7 setting (Llama-2-7B shapes), for a GPU.
     "random-llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32),
 }
-VARIANTS = [("all", None, None), ("ila keep 0.3", None, 0.3), ("ila drop 0.25", 0.25, None)]
+VARIANTS = [("all", None, None), ("keep 0.3", None, 0.3), ("drop 0.25", 0.25, None)]
 
 
 def current_rss_mib() -> float:
@@ -215,7 +216,8 @@ def main(argv=None) -> int:
     for row in rows:
         base = next(r for r in rows if r["adapter"] == row["adapter"] and r["variant"] == "all")
         print(
-            f"| {row['adapter']} | {row['variant']} | {row['adapted']}/{row['candidates']} | {row['trainable_params']:,} | "
+            f"| {row['adapter']} | {row['variant']}{'' if row['variant'] == 'all' else f' ({args.strategy})'} | "
+            f"{row['adapted']}/{row['candidates']} | {row['trainable_params']:,} | "
             f"{row['optimizer_mib']:.1f} | {row['peak_mib']:.0f} | {row['peak_mib'] / base['peak_mib']:.3f} | "
             f"{row['training_mib']:.0f} | {row['training_mib'] / base['training_mib']:.3f} | "
             f"{row['step_s']:.3f} | {row['step_s'] / base['step_s']:.3f} |"
