@@ -86,35 +86,23 @@ def build_model(out_dir: str | Path, architecture: str = "llama", layers: int = 
     import torch
     from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig
 
+    shared = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        tie_word_embeddings=False,
+        initializer_range=initializer_range,
+    )
     if architecture == "llama":
-        config = LlamaConfig(
-            vocab_size=vocab_size,
-            hidden_size=hidden,
-            intermediate_size=hidden * 2,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=3,
-            tie_word_embeddings=False,
-            initializer_range=initializer_range,
-        )
+        config = LlamaConfig(num_key_value_heads=2, **shared)  # grouped-query attention, as in Llama 3
     elif architecture == "gpt_neox":
-        config = GPTNeoXConfig(
-            vocab_size=vocab_size,
-            hidden_size=hidden,
-            intermediate_size=hidden * 2,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            max_position_embeddings=512,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=3,
-            tie_word_embeddings=False,
-            initializer_range=initializer_range,
-        )
+        config = GPTNeoXConfig(**shared)  # fused query_key_value, dense_h_to_4h / dense_4h_to_h
     else:
         raise ValueError(f"unknown architecture {architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
     torch.manual_seed(seed)
