@@ -83,7 +83,8 @@ def importance_order(
         if ranking is None:
             raise SelectionError(f"ila_strategy: {strategy} needs a ranking (set `ila_ranking`).")
         ranked = ranking.order(RANKED_STRATEGIES[strategy])
-        missing = [name for name in candidates if name not in set(ranked)]
+        scored = set(ranked)
+        missing = [name for name in candidates if name not in scored]
         if missing:
             raise RankingError(
                 f"the ranking does not score {len(missing)} of the {len(candidates)} modules "
