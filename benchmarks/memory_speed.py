@@ -67,11 +67,17 @@ class RssSampler:
         return max(self.peak, current_rss_mib())
 
 
+def train_dtype(device: str):
+    import torch
+
+    return torch.bfloat16 if device == "cuda" else torch.float32
+
+
 def load_model(model: str, adapter: str, device: str):
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
 
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = train_dtype(device)
     quant = None
     if adapter == "qlora":
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
@@ -84,7 +90,10 @@ def load_model(model: str, adapter: str, device: str):
         # 4-bit quantization happens at load: save the random model once, load it quantized.
         cache = Path(os.environ.get("ILA_BENCH_CACHE", "/tmp/ila-bench")) / model
         if not (cache / "config.json").exists():
-            AutoModelForCausalLM.from_config(config, dtype=dtype).save_pretrained(str(cache))
+            with torch.device(device):  # random init is much faster on a GPU
+                AutoModelForCausalLM.from_config(config, dtype=dtype).save_pretrained(str(cache))
+            if device == "cuda":
+                torch.cuda.empty_cache()
         model = str(cache)
     return AutoModelForCausalLM.from_pretrained(
         model, dtype=dtype, quantization_config=quant, device_map={"": device} if device == "cuda" or quant else None
@@ -118,6 +127,12 @@ def run_variant(args) -> dict:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        # prepare_model_for_kbit_training upcasts every non-quantized weight to fp32;
+        # axolotl then casts norms and embeddings back to the training dtype
+        # (loaders/model.py), so the residual stream stays in bf16. Do the same.
+        for name, module in model.named_modules():
+            if "norm" in name or name.endswith(("embed_tokens", "lm_head")):
+                module.to(train_dtype(device))
     targets = sorted({name.rsplit(".", 1)[-1] for name in kept + dropped})
     config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=targets, exclude_modules=dropped or None, task_type="CAUSAL_LM")
     model = get_peft_model(model, config)
