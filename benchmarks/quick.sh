@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The quick CPU suite (3.5 minutes on the 2-core machine of the README): search cost and agreement
-# with a longer search on the tiny quick-start model, and memory / step time of
-# all-module LoRA versus ILA's selections on a random Llama-shaped model.
+# The quick CPU suite (3.5 minutes on the README's 2-core machine): search cost
+# and agreement with a longer search on the tiny quick-start model, and memory /
+# step time of all-module LoRA versus ILA's selections on a random Llama-shaped
+# model.
 #   bash benchmarks/quick.sh [OUT_DIR]
 set -euo pipefail
 cd "$(dirname "$0")"
