@@ -47,6 +47,13 @@ class ILAArgs(BaseModel):
         json_schema_extra={"description": f"Importance order: {', '.join(STRATEGIES)}."},
     )
     ila_seed: int = Field(default=42, json_schema_extra={"description": "Seed of the `random` strategy."})
+    ila_fused_groups: bool | None = Field(
+        default=None,
+        json_schema_extra={
+            "description": "Keep or drop each block's q/k/v and gate/up/down together, so axolotl's fused "
+            "LoRA kernels still apply; default: for the groups whose kernel (lora_qkv_kernel, lora_mlp_kernel) is on."
+        },
+    )
 
     # Search, stage 1 (warm-up): LoRA on every targeted module until the loss is stable.
     ila_warmup_fraction: float = Field(

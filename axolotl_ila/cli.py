@@ -17,19 +17,23 @@ from typing import Any, Callable
 from axolotl_ila.analysis import COMBINE_METHODS, combine, compare, top_set
 from axolotl_ila.architecture import block_index, module_kind
 from axolotl_ila.ranking import Ranking, RankingError, file_digest, load_ranking, save_ranking
-from axolotl_ila.selection import Selection, SelectionError, importance_order, select
+from axolotl_ila.selection import FUSED_GROUPS, Selection, SelectionError, importance_order, select
 
 
 class UsageError(Exception):
     """Bad input from the command line; printed as one line, exit status 2."""
 
 
-def _selection(ranking: Ranking, drop: float | None, keep: float | None) -> Selection:
+def _groups(fused_groups: bool) -> tuple[str, ...]:
+    return tuple(FUSED_GROUPS) if fused_groups else ()
+
+
+def _selection(ranking: Ranking, drop: float | None, keep: float | None, fused_groups: bool = False) -> Selection:
     for key, value in (("--drop-fraction", drop), ("--keep-fraction", keep)):
         if value is not None and not 0.0 < value < 1.0:
             raise UsageError(f"{key} must be between 0 and 1 (exclusive), got {value}")
     order = importance_order(ranking.names, "ila", ranking=ranking)
-    return select(ranking.names, order, "ila", drop_fraction=drop, keep_fraction=keep)
+    return select(ranking.names, order, "ila", drop_fraction=drop, keep_fraction=keep, groups=_groups(fused_groups))
 
 
 def _per_group(selection: Selection, key: Callable[[str], Any]) -> list[tuple[Any, int, int]]:
@@ -83,7 +87,8 @@ def show_text(ranking: Ranking, selection: Selection, path: Path, top: int) -> s
         norm = f"{m.update_norm:>9.4f}" if has_norm else " " * 9
         lines.append(f"  {i + 1:>4}  {m.score:>9.4f}  {norm}  {'keep' if m.name in kept else 'DROP':4}  {m.name}")
         previous = i
-    lines += ["", f"at {selection.mode} {selection.fraction:g}: kept {len(selection.kept)}, dropped {len(selection.dropped)}", "", "per type (kept/all):"]
+    whole = f" (whole {', '.join(selection.groups)})" if selection.groups else ""
+    lines += ["", f"at {selection.mode} {selection.fraction:g}{whole}: kept {len(selection.kept)}, dropped {len(selection.dropped)}", "", "per type (kept/all):"]
     lines += [f"  {kind:<24} {k}/{n}" for kind, k, n in _per_group(selection, module_kind)]
     blocks = _per_group(selection, block_index)
     lines += ["", "per block (kept/all):", "  " + "  ".join(f"{'head' if b is None else b}:{k}/{n}" for b, k, n in blocks)]
@@ -111,7 +116,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     path = Path(args.ranking)
     ranking = load_ranking(path)
-    selection = _selection(ranking, args.drop_fraction, args.keep_fraction)
+    selection = _selection(ranking, args.drop_fraction, args.keep_fraction, args.fused_groups)
     if args.json:
         print(json.dumps(show_json(ranking, selection, path), indent=2))
     else:
@@ -119,7 +124,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.png:
         from axolotl_ila.plots import heatmap
 
-        out = heatmap(ranking, args.png, drop_fraction=args.drop_fraction, keep_fraction=args.keep_fraction)
+        out = heatmap(
+            ranking, args.png, drop_fraction=args.drop_fraction, keep_fraction=args.keep_fraction, groups=_groups(args.fused_groups)
+        )
         print(f"heatmap written to {out}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
@@ -198,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--drop-fraction", type=float, help="mark the least important fraction as dropped (default 0.25)")
     group.add_argument("--keep-fraction", type=float, help="mark all but the top fraction as dropped")
+    p.add_argument("--fused-groups", action="store_true", help="keep or drop each block's q/k/v and gate/up/down together, as ila_fused_groups: true does")
     p.add_argument("--top", type=int, default=10, help="modules shown at each end (default 10)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 

@@ -29,7 +29,14 @@ from axolotl_ila.ranking import (
     save_ranking,
     write_json_atomic,
 )
-from axolotl_ila.selection import RANKED_STRATEGIES, Selection, SelectionError, importance_order, select
+from axolotl_ila.selection import (
+    FUSED_GROUPS,
+    RANKED_STRATEGIES,
+    Selection,
+    SelectionError,
+    importance_order,
+    select,
+)
 
 LOG = logging.getLogger("axolotl.ila")
 
@@ -84,8 +91,25 @@ def describe_model(cfg: Any) -> ModelInfo:
     return ModelInfo(fingerprint=section["fingerprint"], candidates=candidates, model_section=section)
 
 
-def fraction_kwargs(cfg: Any) -> dict[str, float | None]:
-    return {"drop_fraction": cfg.ila_drop_fraction, "keep_fraction": cfg.ila_keep_fraction}
+KERNEL_OF_GROUP = {"qkv": "lora_qkv_kernel", "mlp": "lora_mlp_kernel"}
+
+
+def fused_groups(cfg: Any) -> tuple[str, ...]:
+    """The fused groups kept or dropped whole: all with ``ila_fused_groups: true``,
+    none with ``false``; unset, those whose axolotl kernel is on (LoRA/QLoRA)."""
+    if cfg.ila_fused_groups is not None:
+        return tuple(FUSED_GROUPS) if cfg.ila_fused_groups else ()
+    if not cfg.adapter:
+        return ()
+    return tuple(group for group in FUSED_GROUPS if cfg.get(KERNEL_OF_GROUP[group]))
+
+
+def selection_kwargs(cfg: Any) -> dict[str, Any]:
+    return {
+        "drop_fraction": cfg.ila_drop_fraction,
+        "keep_fraction": cfg.ila_keep_fraction,
+        "groups": fused_groups(cfg),
+    }
 
 
 def is_resuming(cfg: Any) -> bool:
@@ -123,6 +147,7 @@ def _selection_from_record(cfg: Any, info: ModelInfo, current: Selection | None)
         strategy=record["strategy"],
         mode=record["mode"],
         fraction=record["fraction"],
+        groups=tuple(record.get("groups", ())),
     )
     if current is not None and set(current.kept) != set(selection.kept):
         raise SelectionError(
@@ -130,7 +155,8 @@ def _selection_from_record(cfg: Any, info: ModelInfo, current: Selection | None)
             f"({current.strategy}, {current.mode} {current.fraction:g}) but the checkpoints were trained "
             f"on {len(selection.kept)} ({selection.strategy}, {selection.mode} {selection.fraction:g}, "
             f"recorded in {path}); their adapters would not fit. Restore the ILA settings of that "
-            f"run (ila_strategy, fractions, ila_ranking), or start a fresh output_dir."
+            f"run (ila_strategy, fractions, ila_ranking, ila_fused_groups or the lora_*_kernel keys), "
+            f"or start a fresh output_dir."
         )
     LOG.info("ILA: resuming with the selection recorded in %s", path)
     return Plan(selection=selection, model=info, ranking_identity=record.get("ranking"))
@@ -145,16 +171,16 @@ def resolve_plan(
     only when the config asks for a search (or ``force_search``)."""
     info = describe_model(cfg)
     strategy = cfg.ila_strategy or "ila"
-    fractions = fraction_kwargs(cfg)
+    rule = selection_kwargs(cfg)
     # Fraction errors (nothing left, nothing dropped) before any expensive work.
-    select(info.candidates, info.candidates, strategy, **fractions)
+    select(info.candidates, info.candidates, strategy, **rule)
 
     resuming = is_resuming(cfg) and not force_search
     if strategy not in RANKED_STRATEGIES:
         if cfg.ila_ranking:
             LOG.warning("ILA: ila_strategy: %s does not use ila_ranking (%s)", strategy, cfg.ila_ranking)
         order = importance_order(info.candidates, strategy, seed=cfg.ila_seed if cfg.ila_seed is not None else 42)
-        selection = select(info.candidates, order, strategy, **fractions)
+        selection = select(info.candidates, order, strategy, **rule)
         if resuming:
             return _selection_from_record(cfg, info, selection)
         return Plan(selection=selection, model=info, ranking_identity=None)
@@ -180,7 +206,7 @@ def resolve_plan(
             write_heatmap(ranking, path, cfg)
 
     order = importance_order(info.candidates, strategy, ranking=ranking)
-    selection = select(info.candidates, order, strategy, **fractions)
+    selection = select(info.candidates, order, strategy, **rule)
     if resuming:
         return _selection_from_record(cfg, info, selection)
     identity = ranking_identity(path, ranking)
@@ -198,7 +224,7 @@ def write_heatmap(ranking: Ranking, ranking_path: Path, cfg: Any) -> None:
         LOG.warning("ILA: %s exists and is not a PNG; not overwriting it with the heatmap", png)
         return
     try:
-        heatmap(ranking, png, drop_fraction=cfg.ila_drop_fraction, keep_fraction=cfg.ila_keep_fraction)
+        heatmap(ranking, png, **selection_kwargs(cfg))
     except SelectionError:
         # The run's fraction does not apply to every module set (e.g. combined
         # rankings); draw the default drop 25% instead.

@@ -49,6 +49,7 @@ def heatmap(
     drop_fraction: float | None = None,
     keep_fraction: float | None = None,
     scorer: str = "score",
+    groups: tuple[str, ...] = (),
 ) -> Path:
     """Draw the heatmap to ``out_png`` (written atomically) and return its path."""
     import matplotlib
@@ -59,7 +60,7 @@ def heatmap(
 
     names = ranking.names
     order = importance_order(names, "ila" if scorer == "score" else scorer, ranking=ranking)
-    selection = select(names, order, "ila", drop_fraction=drop_fraction, keep_fraction=keep_fraction)
+    selection = select(names, order, "ila", drop_fraction=drop_fraction, keep_fraction=keep_fraction, groups=groups)
     dropped = set(selection.dropped)
     values = {m.name: (m.score if scorer == "score" else m.update_norm) for m in ranking.modules}
 
@@ -91,7 +92,7 @@ def heatmap(
     ax.set_xticks(range(len(columns)), columns, fontsize=7)
     ax.set_yticks(range(len(rows)), rows, fontsize=8)
     ax.set_xlabel("transformer block" + (" (head: modules outside blocks, e.g. lm_head)" if outside else ""))
-    fraction = f"{selection.mode} {selection.fraction:g}"
+    fraction = f"{selection.mode} {selection.fraction:g}" + (f", whole {'/'.join(groups)}" if groups else "")
     ax.set_title(
         f"{_short_model(ranking)}: {ranking.scorer if scorer == 'score' else scorer} "
         f"({_short_data(ranking)}); x = dropped at {fraction} ({len(dropped)}/{len(names)})",

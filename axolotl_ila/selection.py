@@ -13,6 +13,11 @@ keeps its head.
     last         the last (deepest) modules count as least important
     mid_block    distance of a module's block from the middle of the depth;
                  ``ila_keep_fraction: 0.6`` tunes the blocks from 20% to 80% of depth
+
+With fused groups (``ila_fused_groups``), the projections that one of axolotl's
+fused LoRA kernels handles together (q/k/v, gate/up/down of one block) are kept
+or dropped as a unit, ranked by the mean position of its members, so the kernel
+still applies to every block that keeps them.
 """
 
 from __future__ import annotations
@@ -31,6 +36,10 @@ STRATEGIES = tuple(RANKED_STRATEGIES) + UNRANKED_STRATEGIES
 
 DEFAULT_DROP_FRACTION = 0.25
 
+# axolotl's fused LoRA kernels patch a block's q/k/v (``lora_qkv_kernel``) or
+# gate/up/down (``lora_mlp_kernel``) only when every one of them carries LoRA.
+FUSED_GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+
 
 class SelectionError(ValueError):
     """A selection that cannot be made, with the key to change."""
@@ -45,12 +54,14 @@ class Selection:
     strategy: str
     mode: str  # "drop" or "keep"
     fraction: float
+    groups: tuple[str, ...] = ()  # fused groups kept or dropped whole (keys of FUSED_GROUPS)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "strategy": self.strategy,
             "mode": self.mode,
             "fraction": self.fraction,
+            "groups": list(self.groups),
             "kept": list(self.kept),
             "dropped": list(self.dropped),
         }
@@ -64,8 +75,9 @@ class Selection:
         kept_blocks = Counter(b for b in map(block_index, self.kept) if b is not None)
         all_blocks = Counter(b for b in map(block_index, self.kept + self.dropped) if b is not None)
         blocks = " ".join(f"{b}:{kept_blocks[b]}/{all_blocks[b]}" for b in sorted(all_blocks))
+        whole = f"; whole groups: {', '.join(self.groups)}" if self.groups else ""
         return (
-            f"ILA selection ({self.strategy}, {self.mode} {self.fraction:g}): "
+            f"ILA selection ({self.strategy}, {self.mode} {self.fraction:g}{whole}): "
             f"kept {len(self.kept)}/{total} modules, dropped {len(self.dropped)}\n"
             f"  per type (kept/all): {kinds}\n"
             f"  per block (kept/all): {blocks}"
@@ -119,14 +131,49 @@ def _count(fraction: float, total: int) -> int:
     return int(fraction * total + 0.5)  # round half up, unlike round()
 
 
+def units(order: list[str], groups: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """The importance order in units that are kept or dropped whole, most
+    important first: one per fused group present (its members under one parent
+    module, placed by their mean position), one per other module."""
+    for group in groups:
+        if group not in FUSED_GROUPS:
+            raise SelectionError(f"unknown fused group {group!r}; known: {', '.join(FUSED_GROUPS)}.")
+    leaf_group = {leaf: group for group in groups for leaf in FUSED_GROUPS[group]}
+    members: dict[tuple[str, str], list[str]] = {}
+    for name in order:
+        parent, _, leaf = name.rpartition(".")
+        key = (parent, leaf_group[leaf]) if leaf in leaf_group else (name, "")
+        members.setdefault(key, []).append(name)
+    position = {name: i for i, name in enumerate(order)}
+
+    def importance(unit: list[str]) -> tuple[float, int]:
+        return (sum(position[name] for name in unit) / len(unit), position[unit[0]])
+
+    return [tuple(unit) for unit in sorted(members.values(), key=importance)]
+
+
+def _fill(ordered_units: list[tuple[str, ...]], target: int) -> set[str]:
+    """Take units in order while the count stays within ``target``; a unit too
+    large for what is left is passed over for smaller ones after it."""
+    taken: set[str] = set()
+    for unit in ordered_units:
+        if len(taken) + len(unit) <= target:
+            taken.update(unit)
+    return taken
+
+
 def select(
     candidates: list[str],
     order: list[str],
     strategy: str,
     drop_fraction: float | None = None,
     keep_fraction: float | None = None,
+    groups: tuple[str, ...] = (),
 ) -> Selection:
-    """Apply the drop/keep rule to an importance order."""
+    """Apply the drop/keep rule to an importance order. With ``groups``, the
+    members of each fused group are kept or dropped together, and the count
+    kept (``keep``) or dropped (``drop``) is the largest that whole units allow
+    without exceeding the fraction's."""
     if drop_fraction is not None and keep_fraction is not None:
         raise SelectionError("set either ila_drop_fraction or ila_keep_fraction, not both.")
     if sorted(order) != sorted(candidates):
@@ -154,11 +201,21 @@ def select(
             f"{key}: {fraction:g} of {total} modules drops no module; "
             f"{'lower' if mode == 'keep' else 'raise'} it (one module is {1 / total:.3g} of {total})."
         )
-    keep = set(order[:n_keep])
+    ordered_units = units(order, tuple(groups))
+    if mode == "keep":
+        keep = _fill(ordered_units, n_keep)
+    else:
+        keep = set(candidates) - _fill(ordered_units[::-1], total - n_keep)
+    if groups and not 0 < len(keep) < total:
+        raise SelectionError(
+            f"{key}: {fraction:g} of {total} modules {mode}s no module once the fused groups "
+            f"({', '.join(groups)}) are kept or dropped whole; raise {key}, or set ila_fused_groups: false."
+        )
     return Selection(
         kept=tuple(n for n in candidates if n in keep),
         dropped=tuple(n for n in candidates if n not in keep),
         strategy=strategy,
         mode=mode,
         fraction=fraction,
+        groups=tuple(groups),
     )

@@ -189,3 +189,28 @@ def test_deepspeed_zero3_is_refused_by_stage_not_name(tmp_path, as_file):
     # ZeRO-2 is fine, and LoRA with ZeRO-3 is fine (no frozen base weights of ours).
     check_combination({"ila_strategy": "first", "deepspeed": {"zero_optimization": {"stage": 2}}})
     check_combination({"ila_strategy": "first", "adapter": "lora", "deepspeed": ds})
+
+
+# -- fused groups ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "adapter, overrides, groups",
+    [
+        ("lora", {}, ()),  # the tests' CPU settings turn axolotl's kernels off
+        ("lora", {"lora_qkv_kernel": True}, ("qkv",)),
+        ("qlora", {"lora_qkv_kernel": True, "lora_mlp_kernel": True, "load_in_4bit": True}, ("qkv", "mlp")),
+        ("lora", {"lora_qkv_kernel": True, "ila_fused_groups": False}, ()),
+        ("lora", {"ila_fused_groups": True}, ("qkv", "mlp")),
+        (None, {}, ()),  # full fine-tuning has no LoRA kernels
+        (None, {"ila_fused_groups": True}, ("qkv", "mlp")),
+    ],
+)
+def test_fused_groups_follow_the_kernels_unless_set(load, adapter, overrides, groups):
+    from axolotl_ila.plan import fused_groups
+
+    assert fused_groups(load(adapter=adapter, **overrides)) == groups
+
+
+def test_fused_groups_must_be_a_boolean(refused):
+    refused(r"ila_fused_groups\n.*valid boolean", ila_fused_groups="qkv")

@@ -57,6 +57,21 @@ def test_show_json(searched, capsys):
     assert data["selection"]["mode"] == "keep"
 
 
+def test_show_with_fused_groups_marks_whole_groups(searched, tmp_path, capsys):
+    from axolotl_ila.selection import select
+
+    png = tmp_path / "grouped.png"
+    assert main(["show", str(searched["ranking"]), "--keep-fraction", "0.3", "--fused-groups", "--json", "--png", str(png)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    ranking = load_ranking(searched["ranking"])
+    expected = select(ranking.names, ranking.names, "ila", keep_fraction=0.3, groups=("qkv", "mlp"))
+    assert data["selection"]["groups"] == ["qkv", "mlp"]
+    assert {m["name"] for m in data["modules"] if m["kept"]} == set(expected.kept)
+    assert png.stat().st_size > 0
+    assert main(["show", str(searched["ranking"]), "--fused-groups"]) == 0
+    assert "(whole qkv, mlp)" in capsys.readouterr().out
+
+
 def test_the_search_writes_its_heatmap_next_to_the_ranking(searched):
     png = searched["ranking"].with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -47,6 +47,21 @@ def test_qlora_keep_fraction_trains_only_the_top_modules(searched, tiny_llama, t
     assert adapter_modules(tmp_path / "run") == set(ranking.names[:8])  # round(0.3 * 28) = 8
 
 
+def test_fused_groups_get_adapters_on_whole_groups_only(searched, tiny_llama, tmp_path):
+    cfg = make_config(tiny_llama, tmp_path, ila_ranking=str(searched["ranking"]), ila_keep_fraction=0.3, ila_search="never", ila_fused_groups=True, max_steps=2)
+    result = run_train(write_config(cfg, tmp_path / "config.yml"))
+    ranking = load_ranking(searched["ranking"])
+    expected = select(ranking.names, ranking.names, "ila", keep_fraction=0.3, groups=("qkv", "mlp"))
+    adapted = adapter_modules(tmp_path / "run")
+    assert adapted == set(expected.kept) and 0 < len(adapted) <= 8  # at most round(0.3 * 28)
+    for block in range(4):
+        for leaves in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj", "down_proj")):
+            members = {name for name in ranking.names if f".layers.{block}." in name and name.endswith(leaves)}
+            assert members <= adapted or not members & adapted, f"block {block} split {leaves}"
+    assert read_json(tmp_path / "run" / "ila_selection.json")["groups"] == ["qkv", "mlp"]
+    assert "whole groups: qkv, mlp" in result.stdout + result.stderr
+
+
 def test_full_finetuning_freezes_exactly_the_dropped_weights(searched, tiny_llama, tmp_path):
     cfg = make_config(tiny_llama, tmp_path, adapter=None, ila_ranking=str(searched["ranking"]), max_steps=3, learning_rate=0.01)
     run_train(write_config(cfg, tmp_path / "config.yml"))

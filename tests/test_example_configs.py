@@ -164,3 +164,15 @@ def test_validation_here_does_check_the_ila_keys(tmp_path):
     broken.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     with pytest.raises(ValidationError, match="ZeRO-3"):
         validate(broken, GPU_CAPABILITIES)
+
+
+@pytest.mark.parametrize(
+    "path", [p for p in CONFIGS if p.stem.endswith(("-lora", "-qlora")) and needs_gpu(read_config(p))], ids=lambda p: p.name
+)
+def test_gpu_lora_configs_keep_fused_groups_whole(path):
+    """axolotl turns its fused LoRA kernels on for these configs; the selection follows."""
+    from axolotl_ila.plan import fused_groups
+
+    cfg = validate(path, GPU_CAPABILITIES)
+    assert cfg.lora_qkv_kernel and cfg.lora_mlp_kernel
+    assert fused_groups(cfg) == ("qkv", "mlp")

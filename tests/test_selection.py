@@ -8,10 +8,12 @@ from axolotl_ila.architecture import block_index, module_kind
 from axolotl_ila.ranking import ModuleScore, Ranking, RankingError
 from axolotl_ila.selection import (
     DEFAULT_DROP_FRACTION,
+    FUSED_GROUPS,
     STRATEGIES,
     SelectionError,
     importance_order,
     select,
+    units,
 )
 
 KINDS = (
@@ -262,3 +264,76 @@ def test_summary_and_json():
     assert "mlp.down_proj 3/4" in text
     data = sel.to_json()
     assert data["strategy"] == "first" and data["mode"] == "drop" and len(data["dropped"]) == 7
+
+
+# -- fused groups kept whole -------------------------------------------------------
+
+
+def groups_split(selection, groups) -> list[str]:
+    """Fused groups with members on both sides of the selection."""
+    kept = set(selection.kept)
+    split = []
+    for block in range(4):
+        for group in groups:
+            members = [n for n in NAMES if block_index(n) == block and n.rsplit(".", 1)[-1] in FUSED_GROUPS[group]]
+            if 0 < sum(m in kept for m in members) < len(members):
+                split.append(f"{block}:{group}")
+    return split
+
+
+def interleaved_order() -> list[str]:
+    """An order that splits every group: each block's modules spread over the whole order."""
+    return [NAMES[b * 7 + k] for k in range(7) for b in range(4)]
+
+
+def test_without_groups_an_interleaved_order_splits_groups():
+    sel = select(NAMES, interleaved_order(), "ila", drop_fraction=0.25)
+    assert groups_split(sel, ("qkv", "mlp"))
+
+
+@pytest.mark.parametrize("rule", [{"drop_fraction": 0.25}, {"drop_fraction": 0.5}, {"keep_fraction": 0.3}, {"keep_fraction": 0.1}])
+def test_groups_are_kept_or_dropped_whole_within_the_fraction(rule):
+    groups = ("qkv", "mlp")
+    sel = select(NAMES, interleaved_order(), "ila", groups=groups, **rule)
+    assert groups_split(sel, groups) == []
+    plain = select(NAMES, interleaved_order(), "ila", **rule)
+    if "keep_fraction" in rule:
+        assert 0 < len(sel.kept) <= len(plain.kept)
+    else:
+        assert 0 < len(sel.dropped) <= len(plain.dropped)
+    assert sel.groups == groups and sel.to_json()["groups"] == ["qkv", "mlp"]
+    assert "whole groups: qkv, mlp" in sel.summary()
+
+
+def test_only_the_named_groups_are_whole():
+    sel = select(NAMES, interleaved_order(), "ila", drop_fraction=0.25, groups=("qkv",))
+    assert groups_split(sel, ("qkv",)) == []
+    units_of = units(interleaved_order(), ("qkv",))
+    assert sorted(map(len, units_of)) == [1] * 16 + [3] * 4  # o_proj and the MLP stay single
+
+
+def test_a_group_ranks_by_the_mean_position_of_its_members():
+    # Block 3's q/k/v are the three least important modules: they go first.
+    order = [n for n in NAMES if not (block_index(n) == 3 and "self_attn" in n and "o_proj" not in n)]
+    order += ["model.layers.3.self_attn.q_proj", "model.layers.3.self_attn.k_proj", "model.layers.3.self_attn.v_proj"]
+    sel = select(NAMES, order, "ila", drop_fraction=0.25, groups=("qkv", "mlp"))  # 7 to drop
+    assert set(sel.dropped) >= {"model.layers.3.self_attn.q_proj", "model.layers.3.self_attn.k_proj", "model.layers.3.self_attn.v_proj"}
+    assert len(sel.dropped) == 7  # then 4 more: the next units that fit
+
+
+def test_with_groups_the_same_order_gives_the_plain_selection_when_it_splits_nothing():
+    order = importance_order(NAMES, "first")  # blocks from deepest: groups never split at block edges
+    assert select(NAMES, order, "first", keep_fraction=0.25, groups=("qkv", "mlp")).kept == select(NAMES, order, "first", keep_fraction=0.25).kept
+
+
+def test_no_whole_group_fits_names_the_keys():
+    qkv_only = [n for n in NAMES if n.rsplit(".", 1)[-1] in FUSED_GROUPS["qkv"]]  # 12 modules, 4 groups of 3
+    with pytest.raises(SelectionError, match=r"ila_keep_fraction: 0.1 of 12 modules keeps no module once the fused groups \(qkv\) are kept or dropped whole; raise ila_keep_fraction, or set ila_fused_groups: false"):
+        select(qkv_only, qkv_only, "ila", keep_fraction=0.1, groups=("qkv",))
+    with pytest.raises(SelectionError, match="ila_drop_fraction: 0.1 of 12 modules drops no module"):
+        select(qkv_only, qkv_only, "ila", drop_fraction=0.1, groups=("qkv",))
+
+
+def test_unknown_group():
+    with pytest.raises(SelectionError, match="unknown fused group 'attn'"):
+        select(NAMES, NAMES, "ila", groups=("attn",))
