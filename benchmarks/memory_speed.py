@@ -17,6 +17,12 @@ dropped module's LoRA branch stores no input for its A/B matmuls; (3) how deep
 backward has to go: gradients need not flow below the shallowest module that
 carries an adapter, so dropping early blocks shortens backward (autograd skips
 subgraphs that need no gradient).
+
+``--profile`` (CPU) profiles one more step per variant and splits its op time
+into the base model's matmuls (forward, and input gradients in backward), the
+LoRA branches' matmuls (recognised by the LoRA rank as a matrix dimension), the
+optimizer step, and everything else (attention, norms, activations, the LoRA
+branches' casts, dropout and adds, losses, copies).
 """
 
 from __future__ import annotations
@@ -115,6 +121,46 @@ def selection_for(model, ranking: str | None, strategy: str, drop: float | None,
     return list(chosen.kept), list(chosen.dropped)
 
 
+MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
+
+
+def profile_step(step, rank: int) -> dict:
+    """One step under torch.profiler: its op time (self CPU time, seconds) by
+    where it goes. A matmul is LoRA's when one of its matrix dimensions is the
+    LoRA rank (every base dimension here is far larger). One step only: the
+    profiler's event records take gigabytes per step on a 400M model."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        step(record=record_function)
+    wall_s = time.perf_counter() - start
+    events = prof.events()
+    in_optimizer = set()
+    for event in events:
+        if event.name == "ila_optimizer_step":
+            in_optimizer.add(id(event))
+            in_optimizer.update(id(child) for child in _descendants(event))
+    parts = {"base_matmul_s": 0.0, "lora_matmul_s": 0.0, "optimizer_s": 0.0, "other_s": 0.0}
+    for event in events:
+        self_s = event.self_cpu_time_total / 1e6
+        if id(event) in in_optimizer:
+            parts["optimizer_s"] += self_s
+        elif event.name in MATMULS:
+            dims = [d for shape in event.input_shapes if len(shape) >= 2 for d in shape[-2:]]
+            parts["lora_matmul_s" if rank in dims else "base_matmul_s"] += self_s
+        else:
+            parts["other_s"] += self_s
+    parts["profiled_step_s"] = wall_s
+    return parts
+
+
+def _descendants(event):
+    for child in event.cpu_children:
+        yield child
+        yield from _descendants(child)
+
+
 def run_variant(args) -> dict:
     """One variant, in this (fresh) process."""
     import torch
@@ -144,10 +190,14 @@ def run_variant(args) -> dict:
     vocab = model.config.vocab_size
     batch = torch.randint(0, vocab, (args.batch, args.seq), device=device)
 
-    def step():
+    def step(record=None):
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
-        optimizer.step()
+        if record is None:
+            optimizer.step()
+        else:
+            with record("ila_optimizer_step"):
+                optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     if device == "cuda":
@@ -170,6 +220,7 @@ def run_variant(args) -> dict:
         peak_mib = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mib = sampler.stop()
+    profiled = profile_step(step, args.rank) if args.profile else {}
     optimizer_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
     return {
         "adapted": len(kept),
@@ -179,6 +230,7 @@ def run_variant(args) -> dict:
         "peak_mib": peak_mib,
         "training_mib": peak_mib - loaded_mib,
         "step_s": sum(times) / len(times),
+        **profiled,
     }
 
 
@@ -193,6 +245,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--profile", action="store_true", help="CPU: also profile one more step and split its op time by where it goes")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     # internal: run one variant and print its JSON
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
@@ -202,6 +255,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.strategy in ("ila", "update_norm") and not args.ranking:
         parser.error(f"--strategy {args.strategy} needs --ranking")
+
+    if args.profile and args.device != "cpu":
+        parser.error("--profile splits CPU op time; run it with --device cpu")
 
     if args.one:
         print("RESULT " + json.dumps(run_variant(args)), flush=True)
@@ -213,6 +269,7 @@ def main(argv=None) -> int:
             cmd = [sys.executable, __file__, "--one", "--model", args.model, "--adapter", adapter, "--strategy", args.strategy,
                    "--device", args.device, "--seq", str(args.seq), "--batch", str(args.batch), "--steps", str(args.steps), "--rank", str(args.rank)]
             cmd += ["--ranking", args.ranking] if args.ranking else []
+            cmd += ["--profile"] if args.profile else []
             cmd += ["--drop", str(drop)] if drop is not None else []
             cmd += ["--keep", str(keep)] if keep is not None else []
             done = subprocess.run(cmd, capture_output=True, text=True)
@@ -237,9 +294,27 @@ def main(argv=None) -> int:
             f"{row['training_mib']:.0f} | {row['training_mib'] / base['training_mib']:.3f} | "
             f"{row['step_s']:.3f} | {row['step_s'] / base['step_s']:.3f} |"
         )
+    if args.profile:
+        print_profile(rows, args.strategy)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
+
+
+def print_profile(rows: list[dict], strategy: str) -> None:
+    parts = [("base_matmul_s", "base matmuls s"), ("lora_matmul_s", "LoRA matmuls s"), ("optimizer_s", "optimizer s"), ("other_s", "everything else s")]
+    print("\nstep time (timed steps), and the op time of one profiled step (self CPU time) by where it goes")
+    print("| adapter | variant | step s | step vs all | " + " | ".join(label for _, label in parts) + " | op total s | profiled step wall s |")
+    print("|" + "---|" * (len(parts) + 6))
+    for row in rows:
+        base = next(r for r in rows if r["adapter"] == row["adapter"] and r["variant"] == "all")
+        total = sum(row[key] for key, _ in parts)
+        cells = " | ".join(f"{row[key]:.2f} ({row[key] / total:.0%})" for key, _ in parts)
+        variant = row["variant"] + ("" if row["variant"] == "all" else f" ({strategy})")
+        print(
+            f"| {row['adapter']} | {variant} | {row['step_s']:.3f} | {row['step_s'] / base['step_s']:.3f} | "
+            f"{cells} | {total:.2f} | {row['profiled_step_s']:.2f} |"
+        )
 
 
 if __name__ == "__main__":
