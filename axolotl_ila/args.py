@@ -47,11 +47,11 @@ class ILAArgs(BaseModel):
         json_schema_extra={"description": f"Importance order: {', '.join(STRATEGIES)}."},
     )
     ila_seed: int = Field(default=42, json_schema_extra={"description": "Seed of the `random` strategy."})
-    ila_fused_groups: bool | None = Field(
-        default=None,
+    ila_fused_groups: bool = Field(
+        default=False,
         json_schema_extra={
             "description": "Keep or drop each block's q/k/v and gate/up/down together, so axolotl's fused "
-            "LoRA kernels still apply; default: for the groups whose kernel (lora_qkv_kernel, lora_mlp_kernel) is on."
+            "LoRA kernels (lora_qkv_kernel, lora_mlp_kernel) still apply to every block that keeps them."
         },
     )
 

@@ -36,6 +36,7 @@ from axolotl_ila.selection import (
     SelectionError,
     importance_order,
     select,
+    split_groups,
 )
 
 LOG = logging.getLogger("axolotl.ila")
@@ -95,13 +96,26 @@ KERNEL_OF_GROUP = {"qkv": "lora_qkv_kernel", "mlp": "lora_mlp_kernel"}
 
 
 def fused_groups(cfg: Any) -> tuple[str, ...]:
-    """The fused groups kept or dropped whole: all with ``ila_fused_groups: true``,
-    none with ``false``; unset, those whose axolotl kernel is on (LoRA/QLoRA)."""
-    if cfg.ila_fused_groups is not None:
-        return tuple(FUSED_GROUPS) if cfg.ila_fused_groups else ()
-    if not cfg.adapter:
-        return ()
-    return tuple(group for group in FUSED_GROUPS if cfg.get(KERNEL_OF_GROUP[group]))
+    """The fused groups kept or dropped whole: all of them with ``ila_fused_groups: true``."""
+    return tuple(FUSED_GROUPS) if cfg.ila_fused_groups else ()
+
+
+def kernel_warnings(cfg: Any, selection: Selection) -> list[str]:
+    """One line per fused LoRA kernel that is on but that the selection keeps
+    from applying in some blocks (it splits their group), with the key to change."""
+    if not cfg.adapter or selection.groups:
+        return []
+    messages = []
+    for group, key in KERNEL_OF_GROUP.items():
+        split = split_groups(selection, group) if cfg.get(key) else []
+        if split:
+            messages.append(
+                f"ILA: {key} is on, but the selection keeps only some of {'/'.join(FUSED_GROUPS[group])} "
+                f"in {len(split)} blocks (e.g. {split[0]}), which axolotl then runs unfused. Set "
+                f"ila_fused_groups: true to keep or drop each group whole (the selection then follows "
+                f"the ranking less closely; see the README's Fused LoRA kernels)."
+            )
+    return messages
 
 
 def selection_kwargs(cfg: Any) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from axolotl_ila.application import (
 )
 from axolotl_ila.architecture import fingerprint, linear_modules
 from axolotl_ila.distributed import is_main_process
-from axolotl_ila.plan import ModelInfo, Plan, resolve_plan, write_record
+from axolotl_ila.plan import ModelInfo, Plan, kernel_warnings, resolve_plan, write_record
 from axolotl_ila.search import IN_SEARCH_KEY
 from axolotl_ila.selection import RANKED_STRATEGIES
 
@@ -67,6 +67,8 @@ class ILAPlugin(BasePlugin):
         if self.plan is None:
             self.plan = resolve_plan(cfg, run_search=self._search)
             LOG.info("%s", self.plan.selection.summary())
+            for message in kernel_warnings(cfg, self.plan.selection):
+                LOG.warning("%s", message)
         return self.plan
 
     def load_datasets(self, cfg, preprocess: bool = False):

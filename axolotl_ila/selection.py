@@ -152,6 +152,18 @@ def units(order: list[str], groups: tuple[str, ...] = ()) -> list[tuple[str, ...
     return [tuple(unit) for unit in sorted(members.values(), key=importance)]
 
 
+def split_groups(selection: Selection, group: str) -> list[str]:
+    """Parent modules (e.g. ``model.layers.3.self_attn``) where the selection
+    keeps some but not all members of the fused ``group``."""
+    kept = set(selection.kept)
+    members: dict[str, list[bool]] = {}
+    for name in selection.kept + selection.dropped:
+        parent, _, leaf = name.rpartition(".")
+        if leaf in FUSED_GROUPS[group]:
+            members.setdefault(parent, []).append(name in kept)
+    return [parent for parent, flags in members.items() if any(flags) and not all(flags)]
+
+
 def _fill(ordered_units: list[tuple[str, ...]], target: int) -> set[str]:
     """Take units in order while the count stays within ``target``; a unit too
     large for what is left is passed over for smaller ones after it."""

@@ -197,16 +197,13 @@ def test_deepspeed_zero3_is_refused_by_stage_not_name(tmp_path, as_file):
 @pytest.mark.parametrize(
     "adapter, overrides, groups",
     [
-        ("lora", {}, ()),  # the tests' CPU settings turn axolotl's kernels off
-        ("lora", {"lora_qkv_kernel": True}, ("qkv",)),
-        ("qlora", {"lora_qkv_kernel": True, "lora_mlp_kernel": True, "load_in_4bit": True}, ("qkv", "mlp")),
-        ("lora", {"lora_qkv_kernel": True, "ila_fused_groups": False}, ()),
+        ("lora", {}, ()),
+        ("qlora", {"lora_qkv_kernel": True, "lora_mlp_kernel": True, "load_in_4bit": True}, ()),  # only when asked
         ("lora", {"ila_fused_groups": True}, ("qkv", "mlp")),
-        (None, {}, ()),  # full fine-tuning has no LoRA kernels
         (None, {"ila_fused_groups": True}, ("qkv", "mlp")),
     ],
 )
-def test_fused_groups_follow_the_kernels_unless_set(load, adapter, overrides, groups):
+def test_fused_groups_only_when_asked(load, adapter, overrides, groups):
     from axolotl_ila.plan import fused_groups
 
     assert fused_groups(load(adapter=adapter, **overrides)) == groups

@@ -169,10 +169,21 @@ def test_validation_here_does_check_the_ila_keys(tmp_path):
 @pytest.mark.parametrize(
     "path", [p for p in CONFIGS if p.stem.endswith(("-lora", "-qlora")) and needs_gpu(read_config(p))], ids=lambda p: p.name
 )
-def test_gpu_lora_configs_keep_fused_groups_whole(path):
-    """axolotl turns its fused LoRA kernels on for these configs; the selection follows."""
-    from axolotl_ila.plan import fused_groups
+def test_gpu_lora_configs_warn_when_the_selection_splits_fused_groups(path):
+    """axolotl turns its fused LoRA kernels on for these configs; a selection that
+    splits q/k/v or gate/up/down gets a warning naming the kernel and the fix."""
+    from axolotl_ila.plan import fused_groups, kernel_warnings
+    from axolotl_ila.selection import importance_order, select
 
     cfg = validate(path, GPU_CAPABILITIES)
     assert cfg.lora_qkv_kernel and cfg.lora_mlp_kernel
-    assert fused_groups(cfg) == ("qkv", "mlp")
+    leaves = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    names = [f"model.layers.{b}.{'mlp' if 'p_proj' in leaf or 'own' in leaf else 'self_attn'}.{leaf}" for b in range(32) for leaf in leaves]
+    order = importance_order(names, "random", seed=0)
+    split = select(names, order, "random", drop_fraction=0.25, groups=fused_groups(cfg))
+    warnings = kernel_warnings(cfg, split)
+    assert len(warnings) == 2
+    assert "lora_qkv_kernel is on" in warnings[0] and "lora_mlp_kernel is on" in warnings[1]
+    assert all("ila_fused_groups: true" in w for w in warnings)
+    whole = select(names, order, "random", drop_fraction=0.25, groups=("qkv", "mlp"))
+    assert kernel_warnings(cfg, whole) == []

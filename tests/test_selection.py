@@ -13,6 +13,7 @@ from axolotl_ila.selection import (
     SelectionError,
     importance_order,
     select,
+    split_groups,
     units,
 )
 
@@ -332,6 +333,13 @@ def test_no_whole_group_fits_names_the_keys():
         select(qkv_only, qkv_only, "ila", keep_fraction=0.1, groups=("qkv",))
     with pytest.raises(SelectionError, match="ila_drop_fraction: 0.1 of 12 modules drops no module"):
         select(qkv_only, qkv_only, "ila", drop_fraction=0.1, groups=("qkv",))
+
+
+def test_split_groups_names_the_blocks_whose_group_is_split():
+    sel = select(NAMES, interleaved_order(), "ila", drop_fraction=0.25)  # drops 4 down_proj, 3 up_proj
+    assert split_groups(sel, "mlp") == [f"model.layers.{b}.mlp" for b in range(4)]
+    assert split_groups(sel, "qkv") == []
+    assert split_groups(select(NAMES, interleaved_order(), "ila", drop_fraction=0.25, groups=("mlp",)), "mlp") == []
 
 
 def test_unknown_group():
