@@ -169,8 +169,7 @@ def _selection_from_record(cfg: Any, info: ModelInfo, current: Selection | None)
             f"({current.strategy}, {current.mode} {current.fraction:g}) but the checkpoints were trained "
             f"on {len(selection.kept)} ({selection.strategy}, {selection.mode} {selection.fraction:g}, "
             f"recorded in {path}); their adapters would not fit. Restore the ILA settings of that "
-            f"run (ila_strategy, fractions, ila_ranking, ila_fused_groups or the lora_*_kernel keys), "
-            f"or start a fresh output_dir."
+            f"run (ila_strategy, fractions, ila_ranking, ila_fused_groups), or start a fresh output_dir."
         )
     LOG.info("ILA: resuming with the selection recorded in %s", path)
     return Plan(selection=selection, model=info, ranking_identity=record.get("ranking"))
