@@ -211,3 +211,24 @@ def test_fused_groups_only_when_asked(load, adapter, overrides, groups):
 
 def test_fused_groups_must_be_a_boolean(refused):
     refused(r"ila_fused_groups\n.*valid boolean", ila_fused_groups="qkv")
+
+
+def test_the_plugin_warns_when_the_selection_splits_a_kernel_group(load, caplog):
+    """With a fused kernel on, a selection that splits its group is logged with the fix."""
+    import logging
+
+    from axolotl_ila.plugin import ILAPlugin
+
+    cfg = load(ila_strategy="random", ila_ranking=None, lora_qkv_kernel=True, lora_mlp_kernel=False)
+    with caplog.at_level(logging.WARNING, logger="axolotl.ila"):
+        plan = ILAPlugin()._ensure_plan(cfg)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "is on" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("ILA: lora_qkv_kernel is on")
+    assert "ila_fused_groups: true" in warnings[0]
+
+    caplog.clear()
+    cfg = load(ila_strategy="random", ila_ranking=None, lora_qkv_kernel=True, lora_mlp_kernel=False, ila_fused_groups=True)
+    with caplog.at_level(logging.WARNING, logger="axolotl.ila"):
+        grouped = ILAPlugin()._ensure_plan(cfg)
+    assert not [r for r in caplog.records if "is on" in r.getMessage()]
+    assert grouped.selection.groups == ("qkv", "mlp") and plan.selection.groups == ()
