@@ -24,16 +24,12 @@ class UsageError(Exception):
     """Bad input from the command line; printed as one line, exit status 2."""
 
 
-def _groups(fused_groups: bool) -> tuple[str, ...]:
-    return tuple(FUSED_GROUPS) if fused_groups else ()
-
-
-def _selection(ranking: Ranking, drop: float | None, keep: float | None, fused_groups: bool = False) -> Selection:
+def _selection(ranking: Ranking, drop: float | None, keep: float | None, groups: tuple[str, ...] = ()) -> Selection:
     for key, value in (("--drop-fraction", drop), ("--keep-fraction", keep)):
         if value is not None and not 0.0 < value < 1.0:
             raise UsageError(f"{key} must be between 0 and 1 (exclusive), got {value}")
     order = importance_order(ranking.names, "ila", ranking=ranking)
-    return select(ranking.names, order, "ila", drop_fraction=drop, keep_fraction=keep, groups=_groups(fused_groups))
+    return select(ranking.names, order, "ila", drop_fraction=drop, keep_fraction=keep, groups=groups)
 
 
 def _per_group(selection: Selection, key: Callable[[str], Any]) -> list[tuple[Any, int, int]]:
@@ -116,7 +112,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     path = Path(args.ranking)
     ranking = load_ranking(path)
-    selection = _selection(ranking, args.drop_fraction, args.keep_fraction, args.fused_groups)
+    groups = tuple(FUSED_GROUPS) if args.fused_groups else ()
+    selection = _selection(ranking, args.drop_fraction, args.keep_fraction, groups)
     if args.json:
         print(json.dumps(show_json(ranking, selection, path), indent=2))
     else:
@@ -124,9 +121,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.png:
         from axolotl_ila.plots import heatmap
 
-        out = heatmap(
-            ranking, args.png, drop_fraction=args.drop_fraction, keep_fraction=args.keep_fraction, groups=_groups(args.fused_groups)
-        )
+        out = heatmap(ranking, args.png, drop_fraction=args.drop_fraction, keep_fraction=args.keep_fraction, groups=groups)
         print(f"heatmap written to {out}", file=sys.stderr if args.json else sys.stdout)
     return 0
 

@@ -131,6 +131,15 @@ def _count(fraction: float, total: int) -> int:
     return int(fraction * total + 0.5)  # round half up, unlike round()
 
 
+def _fused_member(name: str, groups: tuple[str, ...]) -> tuple[str, str] | None:
+    """(parent module, group) when ``name`` is a member of one of ``groups``."""
+    parent, _, leaf = name.rpartition(".")
+    for group in groups:
+        if leaf in FUSED_GROUPS[group]:
+            return parent, group
+    return None
+
+
 def units(order: list[str], groups: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
     """The importance order in units that are kept or dropped whole, most
     important first: one per fused group present (its members under one parent
@@ -138,12 +147,9 @@ def units(order: list[str], groups: tuple[str, ...] = ()) -> list[tuple[str, ...
     for group in groups:
         if group not in FUSED_GROUPS:
             raise SelectionError(f"unknown fused group {group!r}; known: {', '.join(FUSED_GROUPS)}.")
-    leaf_group = {leaf: group for group in groups for leaf in FUSED_GROUPS[group]}
     members: dict[tuple[str, str], list[str]] = {}
     for name in order:
-        parent, _, leaf = name.rpartition(".")
-        key = (parent, leaf_group[leaf]) if leaf in leaf_group else (name, "")
-        members.setdefault(key, []).append(name)
+        members.setdefault(_fused_member(name, groups) or (name, ""), []).append(name)
     position = {name: i for i, name in enumerate(order)}
 
     def importance(unit: list[str]) -> tuple[float, int]:
@@ -158,9 +164,9 @@ def split_groups(selection: Selection, group: str) -> list[str]:
     kept = set(selection.kept)
     members: dict[str, list[bool]] = {}
     for name in selection.kept + selection.dropped:
-        parent, _, leaf = name.rpartition(".")
-        if leaf in FUSED_GROUPS[group]:
-            members.setdefault(parent, []).append(name in kept)
+        member = _fused_member(name, (group,))
+        if member:
+            members.setdefault(member[0], []).append(name in kept)
     return [parent for parent, flags in members.items() if any(flags) and not all(flags)]
 
 

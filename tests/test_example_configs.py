@@ -177,8 +177,8 @@ def test_gpu_lora_configs_warn_when_the_selection_splits_fused_groups(path):
 
     cfg = validate(path, GPU_CAPABILITIES)
     assert cfg.lora_qkv_kernel and cfg.lora_mlp_kernel
-    leaves = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    names = [f"model.layers.{b}.{'mlp' if 'p_proj' in leaf or 'own' in leaf else 'self_attn'}.{leaf}" for b in range(32) for leaf in leaves]
+    kinds = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    names = [f"model.layers.{b}.{kind}" for b in range(32) for kind in kinds]
     order = importance_order(names, "random", seed=0)
     split = select(names, order, "random", drop_fraction=0.25, groups=fused_groups(cfg))
     warnings = kernel_warnings(cfg, split)

@@ -272,14 +272,7 @@ def test_summary_and_json():
 
 def groups_split(selection, groups) -> list[str]:
     """Fused groups with members on both sides of the selection."""
-    kept = set(selection.kept)
-    split = []
-    for block in range(4):
-        for group in groups:
-            members = [n for n in NAMES if block_index(n) == block and n.rsplit(".", 1)[-1] in FUSED_GROUPS[group]]
-            if 0 < sum(m in kept for m in members) < len(members):
-                split.append(f"{block}:{group}")
-    return split
+    return [parent for group in groups for parent in split_groups(selection, group)]
 
 
 def interleaved_order() -> list[str]:
