@@ -55,7 +55,7 @@ class ILAArgs(BaseModel):
         },
     )
 
-    # Search, stage 1 (warm-up): LoRA on every targeted module until the loss is stable.
+    # Search, stage 1 (warm-up): LoRA on every targeted module until the ranking settles.
     ila_warmup_fraction: float = Field(
         default=0.25,
         json_schema_extra={"description": "Cap of the warm-up as a fraction of the planned training steps."},
@@ -69,11 +69,22 @@ class ILAArgs(BaseModel):
     )
     ila_stability_window: int = Field(
         default=10,
-        json_schema_extra={"description": "Steps per window of the smoothed loss used for the stability test."},
+        json_schema_extra={"description": "Steps between two probes of the ranking during the warm-up."},
     )
-    ila_stability_tolerance: float = Field(
-        default=0.02,
-        json_schema_extra={"description": "Stop the warm-up once the relative change of the windowed mean loss stays below this."},
+    ila_settle_agreement: float = Field(
+        default=0.9,
+        json_schema_extra={
+            "description": "A stage stops once its order of modules agrees with the order at half its steps "
+            "this much (rank correlation and top-75% Jaccard), twice in a row. In (0, 1); higher waits longer."
+        },
+    )
+    ila_continue: bool | None = Field(
+        default=None,
+        json_schema_extra={
+            "description": "true: the training continues from the search's warm-up (one run); false: it starts "
+            "from fresh adapters after the search (the paper's two runs). Default: true for LoRA/QLoRA "
+            "without FSDP/DeepSpeed, false otherwise."
+        },
     )
     ila_search_learning_rate: float | None = Field(
         default=None,
@@ -85,14 +96,21 @@ class ILAArgs(BaseModel):
     )
 
     # Search, stage 2 (gates): one sigmoid gate per module, everything else frozen.
-    ila_gate_steps: int = Field(default=128, json_schema_extra={"description": "Batches of gate training (paper: 128)."})
+    ila_gate_steps: int = Field(
+        default=128,
+        json_schema_extra={"description": "Cap of gate training in optimizer steps (paper: 128); it stops earlier once the order of the scores settles."},
+    )
+    ila_gate_min_steps: int = Field(
+        default=16,
+        json_schema_extra={"description": "Gate training never stops as settled before this many steps."},
+    )
     ila_gate_lr: float = Field(default=0.05, json_schema_extra={"description": "Step size of the gate scores."})
     ila_gate_budget: float = Field(
         default=0.5,
         json_schema_extra={"description": "Mean gate value allowed (the open-gate budget H/n); lower is a stronger budget."},
     )
 
-    @field_validator("ila_drop_fraction", "ila_keep_fraction", "ila_warmup_fraction", "ila_gate_budget")
+    @field_validator("ila_drop_fraction", "ila_keep_fraction", "ila_warmup_fraction", "ila_gate_budget", "ila_settle_agreement")
     @classmethod
     def _fraction_in_open_unit(cls, value: float | None, info) -> float | None:
         return _open_unit(info.field_name, value)
@@ -111,14 +129,14 @@ class ILAArgs(BaseModel):
             raise ValueError(f"{info.field_name} must be a positive integer, got {value}")
         return value
 
-    @field_validator("ila_warmup_min_steps")
+    @field_validator("ila_warmup_min_steps", "ila_gate_min_steps")
     @classmethod
     def _non_negative(cls, value: int, info) -> int:
         if value < 0:
             raise ValueError(f"{info.field_name} must be >= 0, got {value}")
         return value
 
-    @field_validator("ila_gate_lr", "ila_stability_tolerance", "ila_search_learning_rate")
+    @field_validator("ila_gate_lr", "ila_search_learning_rate")
     @classmethod
     def _positive_float(cls, value: float | None, info) -> float | None:
         if value is not None and not value > 0:
@@ -155,6 +173,7 @@ def check_combination(data: dict[str, Any]) -> None:
         )
     if data.get("ila_search") == "never" and not data.get("ila_ranking"):
         raise ValueError("ila_search: never needs ila_ranking to point at an existing ranking file")
+    check_continuation(data, adapter)
     if adapter is None and data.get("unfrozen_parameters"):
         raise ValueError(
             "unfrozen_parameters and axolotl_ila.ILAPlugin both decide what full fine-tuning "
@@ -170,6 +189,40 @@ def check_combination(data: dict[str, Any]) -> None:
             "full fine-tuning with ILA freezes some linear weights, which DeepSpeed ZeRO-3 "
             "does not handle reliably; use ZeRO-2, FSDP (use_orig_params: true) or LoRA"
         )
+
+
+REPLACED_KEYS = {
+    "ila_stability_tolerance": "the warm-up now stops when the ranking settles, not the loss; "
+    "use ila_settle_agreement (default 0.9) to tune how settled",
+}
+
+
+def check_continuation(data: dict[str, Any], adapter: str | None) -> None:
+    """Continuing from the warm-up needs the warm-up's LoRA to be the training's."""
+    for key, why in REPLACED_KEYS.items():
+        if key in data:
+            raise ValueError(f"{key} is no longer a key: {why}. Remove it from the config.")
+    wanted = data.get("ila_continue")
+    sharded = bool(data.get("fsdp_config") or data.get("fsdp") or data.get("deepspeed"))
+    if wanted and adapter is None:
+        raise ValueError(
+            "ila_continue: true needs adapter: lora or qlora; full fine-tuning cannot continue from the "
+            "search's LoRA warm-up. Remove ila_continue (full fine-tuning trains afresh after the search)."
+        )
+    if wanted and sharded:
+        raise ValueError(
+            "ila_continue: true is not supported with FSDP or DeepSpeed (their optimizer state is sharded); "
+            "set ila_continue: false, or remove it (the default then trains afresh after the search)."
+        )
+    if wanted is False or adapter is None or sharded:
+        return
+    for key, twin in (("ila_search_learning_rate", "learning_rate"), ("ila_search_lora_r", "lora_r")):
+        if data.get(key) is not None and data.get(key) != data.get(twin):
+            raise ValueError(
+                f"{key} differs from {twin}, but the training continues from the search's warm-up "
+                f"(ila_continue, the default for LoRA/QLoRA), so both must be the same. Remove {key}, or set "
+                f"ila_continue: false for a separate warm-up (the paper's two runs)."
+            )
 
 
 def _fsdp_without_orig_params(fsdp: Any) -> bool:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from axolotl_ila.application import skeleton_model, target_candidates
+from axolotl_ila.application import exclude_value, skeleton_model, target_candidates, user_excludes
 from axolotl_ila.architecture import fingerprint, linear_modules
 from axolotl_ila.distributed import is_main_process, main_writes_all_read, same_on_all_ranks
 from axolotl_ila.ranking import (
@@ -29,6 +29,7 @@ from axolotl_ila.ranking import (
     save_ranking,
     write_json_atomic,
 )
+from axolotl_ila.search_config import continues_training
 from axolotl_ila.selection import (
     FUSED_GROUPS,
     RANKED_STRATEGIES,
@@ -59,6 +60,7 @@ class Plan:
     selection: Selection
     model: ModelInfo
     ranking_identity: dict[str, Any] | None  # path, digest and fingerprint of the ranking used
+    handoff: Path | None = None  # the warm-up's checkpoint the training continues from
 
     def record(self) -> dict[str, Any]:
         return {
@@ -177,11 +179,14 @@ def _selection_from_record(cfg: Any, info: ModelInfo, current: Selection | None)
 
 def resolve_plan(
     cfg: Any,
-    run_search: Callable[[Any, ModelInfo], Ranking] | None = None,
+    run_search: Callable[[Any, ModelInfo, bool], Any] | None = None,
     force_search: bool = False,
+    training: bool = True,
 ) -> Plan:
-    """Decide the selection for this run. ``run_search(cfg, info)`` is called
-    only when the config asks for a search (or ``force_search``)."""
+    """Decide the selection for this run. ``run_search(cfg, info, keep_warm_state)``
+    is called only when the config asks for a search (or ``force_search``) and
+    returns a ``search.SearchResult``. ``training``: a training run follows, which
+    continues from the warm-up when ``ila_continue`` says so (``plan.handoff``)."""
     info = describe_model(cfg)
     strategy = cfg.ila_strategy or "ila"
     rule = selection_kwargs(cfg)
@@ -204,6 +209,7 @@ def resolve_plan(
         # A resumed run never searches: its adapters already have a shape.
         return _selection_from_record(cfg, info, None)
 
+    warm = None
     if mode == "never" or (mode == "auto" and path.exists()):
         ranking = load_ranking(path)
         for warning in check_architecture(ranking, info.fingerprint, cfg.base_model, path):
@@ -212,11 +218,13 @@ def resolve_plan(
         check_writable(path, info.fingerprint)
         if run_search is None:
             raise RankingError(f"no ranking at {path} and no search available in this context.")
-        searched = run_search(cfg, info)
-        ranking = main_writes_all_read(lambda: save_ranking(searched, path), lambda: load_ranking(path))
+        continuing = training and continues_training(cfg)
+        result = run_search(cfg, info, continuing)
+        ranking = main_writes_all_read(lambda: save_ranking(result.ranking, path), lambda: load_ranking(path))
         LOG.info("ILA: wrote ranking %s", path)
         if is_main_process():
             write_heatmap(ranking, path, cfg)
+        warm = result.warm
 
     order = importance_order(info.candidates, strategy, ranking=ranking)
     selection = select(info.candidates, order, strategy, **rule)
@@ -225,7 +233,41 @@ def resolve_plan(
     identity = ranking_identity(path, ranking)
     if not same_on_all_ranks(identity["digest"]):
         raise RankingError(f"ranking file {path} differs between processes; put it on a filesystem all ranks share.")
-    return Plan(selection=selection, model=info, ranking_identity=identity)
+    plan = Plan(selection=selection, model=info, ranking_identity=identity)
+    if warm is not None:
+        plan.handoff = hand_over(cfg, plan, warm)
+    return plan
+
+
+def hand_over(cfg: Any, plan: Plan, warm: Any) -> Path:
+    """Write the warm-up's state of the kept modules as the training run's first
+    checkpoint (main process), with the selection record beside it, so that a
+    run killed from here on resumes with this selection; every rank then
+    resumes from it."""
+    from axolotl_ila.handoff import checkpoint_dir, write_checkpoint
+
+    output_dir = cfg.output_dir or "./model-out"
+    selection = plan.selection
+
+    def write() -> None:
+        write_record(plan, output_dir)
+        write_checkpoint(
+            warm,
+            list(selection.kept),
+            list(selection.dropped),
+            output_dir,
+            exclude=exclude_value(user_excludes(cfg), selection.dropped),
+        )
+
+    main_writes_all_read(write, lambda: None)
+    checkpoint = checkpoint_dir(output_dir, warm.step)
+    LOG.info(
+        "ILA: the training continues from the warm-up's step %d (%s), with adapters on the %d kept modules only",
+        warm.step,
+        checkpoint,
+        len(selection.kept),
+    )
+    return checkpoint
 
 
 def write_heatmap(ranking: Ranking, ranking_path: Path, cfg: Any) -> None:

@@ -9,6 +9,8 @@ Hook order in ``axolotl.cli.train``:
                       plan was made for; tell PEFT to skip the dropped modules
     post_model_load   adapters exist: verify them (LoRA) or freeze the dropped
                       weights (full fine-tuning); record the selection
+    add_callbacks_pre_trainer  for a training that starts from a search's warm-up
+                      (now, or resumed): a callback that proves it did, before step one
     post_trainer_create  verify once more, now that the trainer holds the model
 """
 
@@ -29,8 +31,9 @@ from axolotl_ila.application import (
 )
 from axolotl_ila.architecture import fingerprint, linear_modules
 from axolotl_ila.distributed import is_main_process
+from axolotl_ila.handoff import handoff_check_callback
 from axolotl_ila.plan import ModelInfo, Plan, kernel_warnings, resolve_plan, write_record
-from axolotl_ila.search import IN_SEARCH_KEY
+from axolotl_ila.search_config import IN_SEARCH_KEY
 from axolotl_ila.selection import RANKED_STRATEGIES
 
 LOG = logging.getLogger("axolotl.ila")
@@ -49,19 +52,20 @@ class ILAPlugin(BasePlugin):
         super().__init__()
         self.plan: Plan | None = None
         self._datasets: Any = None
+        self._handoff_check: Any = None
 
     def get_input_args(self) -> str:
         return "axolotl_ila.args.ILAArgs"
 
     # -- deciding ----------------------------------------------------------------
 
-    def _search(self, cfg: Any, info: ModelInfo):
+    def _search(self, cfg: Any, info: ModelInfo, keep_warm_state: bool):
         from axolotl_ila.search import check_search_config, search_ranking
 
         check_search_config(cfg)
         if self._datasets is None:
             self._datasets = _load_datasets(cfg)
-        return search_ranking(cfg, self._datasets, info)
+        return search_ranking(cfg, self._datasets, info, keep_warm_state=keep_warm_state)
 
     def _ensure_plan(self, cfg: Any) -> Plan:
         if self.plan is None:
@@ -69,6 +73,9 @@ class ILAPlugin(BasePlugin):
             LOG.info("%s", self.plan.selection.summary())
             for message in kernel_warnings(cfg, self.plan.selection):
                 LOG.warning("%s", message)
+            if self.plan.handoff is not None:
+                # axolotl reads this when training starts (determine_last_checkpoint).
+                cfg.resume_from_checkpoint = str(self.plan.handoff)
         return self.plan
 
     def load_datasets(self, cfg, preprocess: bool = False):
@@ -115,9 +122,17 @@ class ILAPlugin(BasePlugin):
             path = write_record(plan, cfg.output_dir or "./model-out")
             LOG.info("ILA: selection recorded in %s", path)
 
+    def add_callbacks_pre_trainer(self, cfg, model):
+        if cfg.get(IN_SEARCH_KEY) or self.plan is None or not cfg.adapter:
+            return []
+        self._handoff_check = handoff_check_callback(cfg.output_dir or "./model-out", self.plan.handoff)
+        return [self._handoff_check]
+
     def post_trainer_create(self, cfg, trainer):
         if cfg.get(IN_SEARCH_KEY) or self.plan is None:
             return
+        if self._handoff_check is not None:
+            self._handoff_check.trainer = trainer
         if cfg.adapter:
             verify_adapters(trainer.model, self.plan.selection)
         else:
@@ -139,5 +154,5 @@ def search_config_file(config_path: str) -> Plan:
     if cfg.ila_strategy not in RANKED_STRATEGIES:
         cfg.ila_strategy = "ila"  # a search makes a ranking whatever the config trains with
     plugin = plugins[0]
-    plugin.plan = resolve_plan(cfg, run_search=plugin._search, force_search=True)
+    plugin.plan = resolve_plan(cfg, run_search=plugin._search, force_search=True, training=False)
     return plugin.plan

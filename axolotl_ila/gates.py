@@ -1,0 +1,261 @@
+"""Stage 2 of the search: one learned sigmoid gate per module, everything else frozen.
+
+Module i's LoRA output is multiplied by sigmoid(s_i), so its weight becomes
+``W0_i + scaling * sigmoid(s_i) * B_i A_i``. The scores s are learned on the
+training loss under a budget on the mean gate (the paper's ||gamma|| < H); they
+stop when their order has settled (``OrderSettle``), or at ``ila_gate_steps``.
+
+The same gates, at their starting value and without a step, are the warm-up's
+probe of the ranking (``probe_scores``): the first gradient a gate search would
+take from the current warm-up state.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+from axolotl_ila.distributed import all_reduce_mean_, is_main_process
+from axolotl_ila.search_config import SearchError
+
+LOG = logging.getLogger("axolotl.ila")
+
+
+class Gates:
+    """Scores s_i whose sigmoid scales module i's LoRA output (a forward hook on
+    ``lora_B``, so it works for LoRA on plain, 4-bit and 8-bit linears alike)."""
+
+    def __init__(self, layers: dict[str, Any], init: float = 0.0, adapter: str = "default"):
+        self.names = list(layers)
+        first = next(iter(layers.values())).lora_B[adapter].weight
+        self.scores = torch.full((len(self.names),), float(init), device=first.device, dtype=torch.float32, requires_grad=True)
+        self._hooks = [layer.lora_B[adapter].register_forward_hook(self._hook(i)) for i, layer in enumerate(layers.values())]
+
+    def _hook(self, index: int):
+        def hook(module, inputs, output):
+            return output * torch.sigmoid(self.scores[index]).to(output.dtype)
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    def mean_gate(self) -> float:
+        return float(torch.sigmoid(self.scores.detach()).mean())
+
+    def result(self) -> dict[str, float]:
+        return dict(zip(self.names, self.scores.detach().cpu().tolist()))
+
+
+def budget_shift(scores: torch.Tensor, budget: float, iterations: int = 60) -> float:
+    """Smallest common shift t >= 0 with mean(sigmoid(scores - t)) <= budget."""
+    if float(torch.sigmoid(scores).mean()) <= budget:
+        return 0.0
+    logit = math.log(budget / (1 - budget))
+    lo, hi = 0.0, float(scores.max()) - logit + 1.0  # mean at hi is below budget
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        if float(torch.sigmoid(scores - mid).mean()) > budget:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+class GateStep:
+    """The update rule of the scores, under the budget.
+
+    Budget: after every step, all scores shift by one common amount so that the
+    mean gate stays at most ``budget`` (an exact, order-preserving projection onto
+    {mean(sigmoid(s)) <= budget}). Without a budget every gate simply opens,
+    since every warmed-up LoRA update lowers the loss; with one, opening a gate
+    closes the others a little, so modules compete and the scores separate.
+
+    The step is momentum SGD normalised by one running RMS over *all* gates: the
+    step size does not depend on the loss scale, yet a gate whose gradient is
+    twice as large moves twice as far (a per-gate Adam would move every gate at
+    the same speed and erase exactly the differences we want to measure).
+    """
+
+    def __init__(self, gates: Gates, budget: float, lr: float):
+        self.gates = gates
+        self.budget = budget
+        self.lr = lr
+        self._momentum = torch.zeros_like(gates.scores)
+        self._sq = 0.0
+        self._steps = 0
+
+    @torch.no_grad()
+    def step(self, beta1: float = 0.9, beta2: float = 0.99, eps: float = 1e-12) -> None:
+        scores = self.gates.scores
+        grad = scores.grad
+        all_reduce_mean_(grad)
+        self._steps += 1
+        self._momentum.mul_(beta1).add_(grad, alpha=1 - beta1)
+        self._sq = beta2 * self._sq + (1 - beta2) * float(grad.pow(2).mean())
+        m_hat = self._momentum / (1 - beta1**self._steps)
+        rms = math.sqrt(self._sq / (1 - beta2**self._steps))
+        scores.sub_(self.lr * m_hat / (rms + eps))
+        scores.sub_(budget_shift(scores, self.budget))
+        scores.grad = None
+
+
+# --------------------------------------------------------------------------- settling
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Rank correlation of two score vectors (ties broken by position)."""
+    n = len(a)
+    if n < 2:
+        return 1.0
+
+    def ranks(values: list[float]) -> list[int]:
+        order = sorted(range(n), key=lambda i: (values[i], i))
+        out = [0] * n
+        for r, i in enumerate(order):
+            out[i] = r
+        return out
+
+    ra, rb = ranks(a), ranks(b)
+    d2 = sum((x - y) ** 2 for x, y in zip(ra, rb))
+    return 1.0 - 6.0 * d2 / (n * (n * n - 1))
+
+
+def top_jaccard(a: list[float], b: list[float], fraction: float = 0.75) -> float:
+    """Jaccard similarity of the top-``fraction`` index sets of two score vectors."""
+    k = max(1, int(fraction * len(a) + 0.5))
+    top_a = set(sorted(range(len(a)), key=lambda i: (-a[i], i))[:k])
+    top_b = set(sorted(range(len(b)), key=lambda i: (-b[i], i))[:k])
+    return len(top_a & top_b) / len(top_a | top_b)
+
+
+@dataclass
+class OrderSettle:
+    """Has an order of scores stopped changing?
+
+    Scores are recorded at regular checks. At a check at step t, the current
+    scores are compared with those recorded at about t/2: the order has settled
+    when their rank correlation is at least ``agreement`` and their top-75% sets
+    agree at Jaccard >= ``agreement`` too, at two checks in a row. Comparing
+    with half the elapsed steps, not with the previous check, is what catches
+    a slow drift: two neighbouring checks of a drifting order always look alike.
+    """
+
+    agreement: float
+    min_steps: int
+    history: list[tuple[int, list[float]]] = field(default_factory=list)
+    streak: int = 0
+    last: dict[str, float] | None = None  # the last comparison made
+
+    def add(self, step: int, scores: list[float]) -> bool:
+        """Record the scores at ``step``; True once the order has settled."""
+        self.history.append((step, list(scores)))
+        reference = self._reference(step)
+        if reference is None:
+            return False
+        ref_step, ref_scores = reference
+        rho = spearman(scores, ref_scores)
+        jaccard = top_jaccard(scores, ref_scores)
+        self.last = {"step": step, "compared_with_step": ref_step, "spearman": round(rho, 4), "top75_jaccard": round(jaccard, 4)}
+        agrees = rho >= self.agreement and jaccard >= self.agreement
+        self.streak = self.streak + 1 if agrees else 0
+        return self.streak >= 2 and step >= self.min_steps
+
+    def _reference(self, step: int) -> tuple[int, list[float]] | None:
+        earlier = [(s, v) for s, v in self.history[:-1] if s <= step / 2]
+        return earlier[-1] if earlier else None
+
+
+# --------------------------------------------------------------------------- stage 2
+
+
+def cycle_batches(dataloader) -> Iterator[Any]:
+    """The dataloader's batches, over and over."""
+    while True:
+        yielded = False
+        for batch in dataloader:
+            yielded = True
+            yield batch
+        if not yielded:
+            raise SearchError("the training dataloader is empty; check datasets and sequence_len.")
+
+
+def gate_loss(trainer: Any, model: Any, batch: Any):
+    with trainer.compute_loss_context_manager():
+        return trainer.compute_loss(model, batch)
+
+
+def run_gates(
+    trainer: Any,
+    layers: dict[str, Any],
+    max_steps: int,
+    lr: float,
+    budget: float,
+    agreement: float,
+    check_every: int = 8,
+    min_steps: int = 16,
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Learn the gate scores until their order settles (or ``max_steps``)."""
+    from tqdm.auto import tqdm
+
+    model = trainer.model
+    for param in model.parameters():
+        param.requires_grad_(False)
+    gates = Gates(layers)
+    update = GateStep(gates, budget=budget, lr=lr)
+    settle = OrderSettle(agreement=agreement, min_steps=min(min_steps, max_steps))
+    accumulation = int(trainer.args.gradient_accumulation_steps or 1)
+    batches = cycle_batches(trainer.get_train_dataloader())
+    losses: list[float] = []
+    stop_reason = "cap"
+    model.train()
+    bar = tqdm(range(max_steps), desc="ILA gates", disable=not is_main_process())
+    try:
+        for step in bar:
+            total = 0.0
+            for _ in range(accumulation):
+                loss = gate_loss(trainer, model, next(batches))
+                (loss / accumulation).backward()
+                total += float(loss.detach()) / accumulation
+            update.step()
+            losses.append(total)
+            bar.set_postfix(loss=f"{total:.4f}", mean_gate=f"{gates.mean_gate():.3f}")
+            done = step + 1
+            # Scores are identical on every rank (averaged gradients), so every
+            # rank reaches the same decision at the same step.
+            if done % check_every == 0 and settle.add(done, gates.scores.detach().cpu().tolist()):
+                stop_reason = "settled"
+                break
+    finally:
+        gates.remove()
+    if is_main_process():
+        LOG.info("ILA gates stopped after %d/%d steps (%s), mean gate %.3f", len(losses), max_steps, stop_reason, gates.mean_gate())
+    record = {
+        "steps": len(losses),
+        "max_steps": max_steps,
+        "stop_reason": stop_reason,
+        "settle": {"check_every": check_every, "agreement": agreement, "min_steps": settle.min_steps, "last_check": settle.last},
+        "lr": lr,
+        "budget": budget,
+        "budget_mechanism": "mean gate <= budget by a common shift of all scores after each step",
+        "init_score": 0.0,
+        "gradient_accumulation_steps": accumulation,
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "loss_curve": curve(losses),
+        "mean_gate": gates.mean_gate(),
+    }
+    return gates.result(), record
+
+
+def curve(values: list[float], points: int = 20) -> list[float]:
+    """A short summary of a loss curve: ``points`` evenly spaced samples."""
+    if len(values) <= points:
+        return [round(v, 5) for v in values]
+    return [round(values[round(i * (len(values) - 1) / (points - 1))], 5) for i in range(points)]

@@ -1,0 +1,213 @@
+"""From the warm-up to the training run: the warm-up is the training's first steps.
+
+After the gates, the training does not start again from fresh adapters (the
+paper's second run). The search's warm-up state is written as an ordinary
+checkpoint of the training run, ``OUTPUT_DIR/checkpoint-<step>``, holding only
+what the selection keeps:
+
+- ``adapter_model.safetensors``: the kept modules' warm-up LoRA weights;
+- ``optimizer.pt``: their optimizer state (AdamW moments), in the order the
+  training's optimizer will hold them (the warm-up's order, less the dropped);
+- ``scheduler.pt`` and ``trainer_state.json``: the step count and the
+  learning-rate schedule, which the warm-up ran with the training's settings;
+
+and the run resumes from it with transformers' own resume (which also skips the
+batches the warm-up has seen). The training model is built fresh with adapters
+on the kept modules only, so after the switch no gradient or optimizer state
+exists for dropped modules: memory is that of a run with a cached ranking.
+
+The dropped modules' warm-up updates are discarded: the saved adapter must be
+the whole fine-tune on its own (merging them into base weights would make the
+adapter depend on a modified base model that is not saved), and the benchmark
+in the README measures what discarding costs.
+
+``HandoffCheck`` verifies, once the training's optimizer exists, that the run
+did start from that state (right after the search, or resumed from that
+checkpoint later), and stops it loudly otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from axolotl_ila.architecture import strip_peft_prefix
+from axolotl_ila.ranking import write_json_atomic
+
+HANDOFF_NAME = "ila_handoff.json"
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+class HandoffError(RuntimeError):
+    """The training did not start from the warm-up's state."""
+
+
+def lora_module_of(param_name: str) -> str:
+    """``base_model.model.<module>.lora_A.default.weight`` -> ``<module>``."""
+    return strip_peft_prefix(param_name.split(".lora_")[0])
+
+
+@dataclass
+class WarmState:
+    """Everything the training needs from the warm-up, on the CPU."""
+
+    step: int
+    adapter: dict[str, torch.Tensor]  # PEFT's saved keys (no adapter name) -> tensor
+    adapter_config: dict[str, Any]
+    optimizer_groups: list[dict[str, Any]]  # hyper-parameters, and "names" instead of "params"
+    optimizer_state: dict[str, dict[str, Any]]  # parameter name -> its state
+    scheduler: dict[str, Any]
+    trainer_state: dict[str, Any]
+
+    @classmethod
+    def capture(cls, trainer: Any) -> "WarmState":
+        from peft import get_peft_model_state_dict
+        from transformers import TrainerControl
+
+        model = trainer.model
+        adapter = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
+        groups, state = [], {}
+        for group in optimizer.param_groups:
+            names = [name_of[id(p)] for p in group["params"]]
+            groups.append({**{k: v for k, v in group.items() if k != "params"}, "names": names})
+            for p, n in zip(group["params"], names):
+                if p in optimizer.state:
+                    state[n] = {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for k, v in optimizer.state[p].items()}
+        trainer_state = json.loads(json.dumps(dataclasses.asdict(trainer.state), default=str))
+        # The warm-up's stop flag is not the training's; the training's own
+        # stateful callbacks get their fresh state at its start (HandoffCheck).
+        trainer_state["stateful_callbacks"] = {"TrainerControl": TrainerControl().state()}
+        trainer_state["best_model_checkpoint"] = None
+        peft_config = model.peft_config[getattr(model, "active_adapter", "default")]
+        return cls(
+            step=int(trainer.state.global_step),
+            adapter=adapter,
+            adapter_config=json.loads(json.dumps(peft_config.to_dict(), default=list)),
+            optimizer_groups=groups,
+            optimizer_state=state,
+            scheduler=trainer.lr_scheduler.state_dict(),
+            trainer_state=trainer_state,
+        )
+
+    def optimizer_state_dict(self, kept: set[str]) -> tuple[dict[str, Any], list[str]]:
+        """A ``torch.optim`` state dict for the kept parameters only, numbered as
+        the training's optimizer will number them; and their names, in order."""
+        groups, state, names = [], {}, []
+        for group in self.optimizer_groups:
+            members = [n for n in group["names"] if lora_module_of(n) in kept]
+            indices = list(range(len(names), len(names) + len(members)))
+            for index, name in zip(indices, members):
+                if name in self.optimizer_state:
+                    state[index] = self.optimizer_state[name]
+            names.extend(members)
+            groups.append({**{k: v for k, v in group.items() if k != "names"}, "params": indices})
+        return {"state": state, "param_groups": groups}, names
+
+
+def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / f"checkpoint-{step}"
+
+
+def write_checkpoint(warm: WarmState, kept: list[str], dropped: list[str], output_dir: str | Path, exclude: Any) -> Path:
+    """Write the warm-up state of the kept modules as ``checkpoint-<step>``,
+    atomically (a temp folder, then rename). Main process only."""
+    from safetensors.torch import save_file
+
+    final = checkpoint_dir(output_dir, warm.step)
+    if final.exists():
+        raise HandoffError(
+            f"{final} already exists, from an earlier run in output_dir {output_dir}; the warm-up "
+            f"cannot hand over to the training there. Use a fresh output_dir, or resume that run "
+            f"(auto_resume_from_checkpoints: true)."
+        )
+    kept_set = set(kept)
+    adapter = {k: v.contiguous() for k, v in warm.adapter.items() if lora_module_of(k) in kept_set}
+    missing = kept_set - {lora_module_of(k) for k in adapter}
+    if missing:
+        raise HandoffError(f"the warm-up has no LoRA weights for {len(missing)} kept modules, e.g. {sorted(missing)[0]}")
+    optimizer, names = warm.optimizer_state_dict(kept_set)
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_file(adapter, str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
+        write_json_atomic(tmp / "adapter_config.json", {**warm.adapter_config, "exclude_modules": exclude})
+        torch.save(optimizer, tmp / "optimizer.pt")
+        torch.save(warm.scheduler, tmp / "scheduler.pt")
+        write_json_atomic(tmp / "trainer_state.json", warm.trainer_state)
+        write_json_atomic(
+            tmp / HANDOFF_NAME,
+            {"step": warm.step, "kept": list(kept), "dropped": list(dropped), "optimizer_params": names},
+        )
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def handoff_check_callback(output_dir: str | Path, expected: str | Path | None):
+    """A trainer callback for runs that start from a warm-up's checkpoint: right
+    after this run's search (``expected``), or resumed later from it.
+
+    Before the first step it makes the checkpoint's trainer state the
+    training's (the warm-up ran with its own logging and saving intervals, and
+    without the training's stateful callbacks), and proves that the run did
+    start from the warm-up: step count, kept adapters' weights, and the
+    optimizer holding its state in the warm-up's order. Give it the trainer
+    (``.trainer``) once it exists."""
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import ExportableState
+
+    output_dir = Path(output_dir)
+
+    class HandoffCheck(TrainerCallback):
+        trainer: Any = None
+
+        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+            checkpoint = checkpoint_dir(output_dir, state.global_step)
+            if expected is not None and checkpoint != Path(expected):
+                raise HandoffError(
+                    f"ILA: the training should continue from the warm-up ({expected}) but starts at step "
+                    f"{state.global_step}; was resume_from_checkpoint changed by another plugin? Set "
+                    f"ila_continue: false to train from fresh adapters."
+                )
+            if state.global_step == 0 or not (checkpoint / HANDOFF_NAME).exists():
+                return  # not a warm-up's checkpoint: an ordinary start or resume
+            state.compute_steps(args, state.max_steps)  # the training's intervals, not the warm-up's
+            if self.trainer is not None:
+                for callback in self.trainer.callback_handler.callbacks + [self.trainer.control]:
+                    if isinstance(callback, ExportableState):
+                        state.stateful_callbacks.setdefault(type(callback).__name__, callback.state())
+            record = json.loads((checkpoint / HANDOFF_NAME).read_text(encoding="utf-8"))
+            params = dict(model.named_parameters())
+            by_saved_key = {k.replace(".default.", ".", 1): p for k, p in params.items() if ".lora_" in k}
+            saved = load_file(str(checkpoint / ADAPTER_FILE))
+            for key, tensor in saved.items():
+                param = by_saved_key.get(key)
+                if param is None or not torch.equal(param.detach().cpu().to(tensor.dtype), tensor):
+                    raise HandoffError(
+                        f"ILA: the training's LoRA weight {key} is not the warm-up's ({checkpoint}); the "
+                        f"handover failed. Set ila_continue: false to train from fresh adapters."
+                    )
+            inner = getattr(optimizer, "optimizer", optimizer)
+            name_of = {id(p): n for n, p in params.items()}
+            order = [name_of.get(id(p)) for group in inner.param_groups for p in group["params"]]
+            if order != record["optimizer_params"]:
+                raise HandoffError(
+                    f"ILA: the training's optimizer holds its parameters in another order than the "
+                    f"warm-up's ({checkpoint}), so their AdamW state would be mixed up. Set "
+                    f"ila_continue: false to train from fresh adapters."
+                )
+
+    return HandoffCheck()

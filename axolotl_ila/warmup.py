@@ -1,0 +1,128 @@
+"""Stage 1 of the search: LoRA on every candidate module, until the ranking settles.
+
+A fine-tuning loss keeps falling slowly for a long time, so "the loss moves
+less than 2% between two windows" says little about whether the ranking is
+ready (on a planted task it stopped at 20 steps with the loss still falling
+fast and an attention module ranked 18th of 28). What the search needs is the
+ranking itself to stop changing, so that is what the warm-up watches: every
+``ila_stability_window`` steps it *probes* the ranking, i.e. computes the
+gradient of the training loss with respect to one gate per module at its
+starting value (the first step a gate search would take from here), on one
+micro-batch, averaged across processes and smoothed over probes. The warm-up
+stops when the order of the probe has settled (``gates.OrderSettle``), or at
+its cap. A probe costs one forward and backward of one micro-batch without
+weight gradients.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from axolotl_ila.architecture import strip_peft_prefix
+from axolotl_ila.distributed import all_reduce_mean_, is_main_process
+from axolotl_ila.gates import Gates, OrderSettle, cycle_batches, gate_loss
+
+LOG = logging.getLogger("axolotl.ila")
+
+PROBE_SMOOTHING = 0.5  # weight of the newest probe in the running average
+
+
+def lora_modules(model: torch.nn.Module) -> dict[str, Any]:
+    """Base-model name -> PEFT LoRA layer, in model order."""
+    from peft.tuners.lora import LoraLayer
+
+    return {strip_peft_prefix(n): m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+@torch.no_grad()
+def update_norms(layers: dict[str, Any], adapter: str = "default") -> dict[str, float]:
+    """Frobenius norm of each module's LoRA update ``scaling * B @ A``.
+
+    B starts at zero, so this is how far the update moved during the warm-up.
+    Computed through r x r matrices: ||BA||^2 = trace((B^T B)(A A^T)).
+    """
+    norms = {}
+    for name, layer in layers.items():
+        a = layer.lora_A[adapter].weight.float()
+        b = layer.lora_B[adapter].weight.float()
+        squared = torch.trace((b.T @ b) @ (a @ a.T)).clamp_min(0)
+        norms[name] = float(layer.scaling[adapter] * squared.sqrt())
+    return norms
+
+
+class RankingProbe:
+    """The gate gradient at the gates' starting value, on one micro-batch."""
+
+    def __init__(self, trainer: Any, layers: dict[str, Any]):
+        self.trainer = trainer
+        self.layers = layers
+        self._batches = None
+        self.average: torch.Tensor | None = None
+
+    def __call__(self) -> list[float]:
+        trainer, model = self.trainer, self.trainer.model
+        if self._batches is None:
+            self._batches = cycle_batches(trainer.get_train_dataloader())
+        batch = next(self._batches)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        for param in trainable:
+            param.requires_grad_(False)  # only the gates' gradient is wanted
+        gates = Gates(self.layers)
+        was_training = model.training
+        try:
+            model.train()
+            loss = gate_loss(trainer, model, batch)
+            loss.backward()
+            grad = gates.scores.grad.detach().clone()
+        finally:
+            gates.remove()
+            for param in trainable:
+                param.requires_grad_(True)
+            model.train(was_training)
+        all_reduce_mean_(grad)
+        importance = -grad  # a gate whose opening lowers the loss most is most important
+        importance /= importance.pow(2).mean().sqrt().clamp_min(1e-12)  # the loss scale drifts; the order matters
+        if self.average is None:
+            self.average = importance
+        else:
+            self.average = (1 - PROBE_SMOOTHING) * self.average + PROBE_SMOOTHING * importance
+        return self.average.cpu().tolist()
+
+
+def warmup_callback(probe: RankingProbe, settle: OrderSettle, every: int, cap: int, losses: list[float]):
+    """Stops the warm-up when the probed ranking has settled, or at ``cap``."""
+    from transformers import TrainerCallback
+
+    class WarmupCallback(TrainerCallback):
+        stop_reason = "cap"
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+        def on_step_end(self, args, state, control, **kwargs):
+            step = state.global_step
+            if step % every == 0 or step == 1:
+                settled = settle.add(step, probe())
+                if is_main_process() and step % every == 0:
+                    last = settle.last or {}
+                    LOG.info(
+                        "ILA warm-up step %d/%d loss %s ranking vs step %s: spearman %s, top-75%% jaccard %s",
+                        step,
+                        cap,
+                        f"{losses[-1]:.4f}" if losses else "n/a",
+                        last.get("compared_with_step", "n/a"),
+                        last.get("spearman", "n/a"),
+                        last.get("top75_jaccard", "n/a"),
+                    )
+                # The probe is averaged across ranks, so every rank decides alike.
+                if settled:
+                    self.stop_reason = "settled"
+                    control.should_training_stop = True
+            if step >= cap:
+                control.should_training_stop = True
+
+    return WarmupCallback()
