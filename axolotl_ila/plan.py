@@ -214,8 +214,8 @@ def resolve_plan(
             raise RankingError(f"no ranking at {path} and no search available in this context.")
         searched = run_search(cfg, info)
         ranking = main_writes_all_read(lambda: save_ranking(searched, path), lambda: load_ranking(path))
-        LOG.info("ILA: wrote ranking %s", path)
         if is_main_process():
+            LOG.info("ILA: wrote ranking %s", path)
             write_heatmap(ranking, path, cfg)
 
     order = importance_order(info.candidates, strategy, ranking=ranking)
