@@ -45,6 +45,21 @@ def _cpu_normalize_config(original):
     return normalize_config
 
 
+def _load_indexed_cpu_locations() -> None:
+    """Resuming: the HF trainer loads the optimizer state with ``map_location=args.device``,
+    which accelerate gives as ``cpu:<rank>`` on several CPU processes; ``torch.load``
+    only knows ``cpu``. Only a CPU run meets this, so the harness teaches torch the name."""
+    import torch.serialization
+
+    def tag(obj):
+        return None
+
+    def restore(obj, location):
+        return obj if location.startswith("cpu:") else None
+
+    torch.serialization.register_package(5, tag, restore)
+
+
 def _count_ranking_writes() -> None:
     import axolotl_ila.plan
 
@@ -133,6 +148,7 @@ def main(config: str) -> None:
     patched = _cpu_normalize_config(axolotl.utils.config.normalize_config)
     axolotl.utils.config.normalize_config = patched
     axolotl.cli.config.normalize_config = patched
+    _load_indexed_cpu_locations()
     _count_ranking_writes()
     _watch_trainer()
 
