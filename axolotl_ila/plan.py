@@ -221,8 +221,8 @@ def resolve_plan(
         continuing = training and continues_training(cfg)
         result = run_search(cfg, info, continuing)
         ranking = main_writes_all_read(lambda: save_ranking(result.ranking, path), lambda: load_ranking(path))
-        LOG.info("ILA: wrote ranking %s", path)
         if is_main_process():
+            LOG.info("ILA: wrote ranking %s", path)
             write_heatmap(ranking, path, cfg)
         warm = result.warm
 

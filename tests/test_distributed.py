@@ -1,8 +1,9 @@
 """One writer, every rank reads the same ranking: two real processes on gloo.
 
-Multi-process axolotl does not run on CPU, so this checks ``distributed.py`` and
-``ranking.py`` at function level: ``torch.distributed`` with the gloo backend, two
-processes started by ``torch.multiprocessing``.
+The pieces at function level (whole two-process runs of axolotl are in
+``test_multiproc.py``): ``distributed.py`` and ``ranking.py`` under
+``torch.distributed`` with the gloo backend, two processes started by
+``torch.multiprocessing``, including cases a real run cannot easily provoke.
 """
 
 from __future__ import annotations
