@@ -32,7 +32,7 @@ WORLD_SIZE = 2
 LAUNCH_TIMEOUT_S = 300
 # What a two-rank run needs on a 2-core machine: one thread per process, one
 # dataset worker, and a short search.
-MULTIPROC_SETTINGS = {"dataset_processes": 1, "ila_gate_steps": 8, "ila_warmup_max_steps": 6, "max_steps": 6}
+MULTIPROC_SETTINGS = {"dataset_processes": 1, "ila_gate_steps": 8, "ila_warmup_max_steps": 6, "max_steps": 10}
 
 
 @dataclass
@@ -146,6 +146,11 @@ def test_ddp_training_has_adapters_exactly_on_the_kept_modules(two_ranks):
         assert set(run.reports[rank]["adapted"]) == kept
         assert run.reports[rank]["global_step"] == two_ranks["cfg"]["max_steps"]
     assert adapter_modules(two_ranks["out"] / "run") == kept
+    # Both ranks stopped the warm-up at the same step and continued from the one
+    # checkpoint the main process wrote there (kept modules only).
+    warmup = load_ranking(two_ranks["ranking"]).search["stage1"]["steps"]
+    assert len(log_lines(run.logs, f"the training continues from the warm-up's step {warmup} ")) == WORLD_SIZE
+    assert adapter_modules(two_ranks["out"] / "run" / f"checkpoint-{warmup}") == kept
 
 
 def test_two_process_gate_scores_equal_a_one_process_search_of_the_same_global_batch(two_ranks, tmp_path):
