@@ -36,7 +36,7 @@ from axolotl_ila.search_config import (  # noqa: F401  (IN_SEARCH_KEY, check_sea
     search_config,
     warmup_cap,
 )
-from axolotl_ila.warmup import RankingProbe, lora_modules, update_norms, warmup_callback
+from axolotl_ila.warmup import FALLING_T_STAT, RankingProbe, loss_trend, lora_modules, update_norms, warmup_callback
 
 LOG = logging.getLogger("axolotl.ila")
 
@@ -137,7 +137,9 @@ def search_ranking(cfg: Any, dataset_meta: Any, info: ModelInfo, keep_warm_state
         "stop_reason": callback.stop_reason,
         "settle": {
             "signal": "order of the gate gradient at the gates' start (one micro-batch, smoothed), "
-            "compared with the order at half the steps",
+            "compared with the order at half the steps; and the loss no longer clearly falling",
+            "loss_trend": loss_trend(losses),
+            "falling_t_stat": FALLING_T_STAT,
             "check_every": every,
             "agreement": settle.agreement,
             "min_steps": settle.min_steps,

@@ -9,14 +9,16 @@ ranking itself to stop changing, so that is what the warm-up watches: every
 gradient of the training loss with respect to one gate per module at its
 starting value (the first step a gate search would take from here), on one
 micro-batch, averaged across processes and smoothed over probes. The warm-up
-stops when the order of the probe has settled (``gates.OrderSettle``), or at
-its cap. A probe costs one forward and backward of one micro-batch without
-weight gradients.
+stops when the order of the probe has settled (``gates.OrderSettle``) and the
+loss is no longer clearly falling (its trend over the last half of the steps is
+within two standard errors of flat), or at its cap. A probe costs one forward
+and backward of one micro-batch without weight gradients.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
@@ -92,8 +94,42 @@ class RankingProbe:
         return self.average.cpu().tolist()
 
 
+FALLING_T_STAT = 2.0  # a loss trend this many standard errors below zero is "clearly falling"
+
+
+def loss_trend(losses: list[float]) -> dict[str, float] | None:
+    """Least-squares slope of the loss over the second half of the steps so far,
+    relative to the mean loss, and its t statistic (slope / standard error).
+
+    A fine-tuning loss falls slowly for a long time; what matters is whether the
+    fall is still clear above the step-to-step noise."""
+    ys = losses[len(losses) // 2 :]
+    n = len(ys)
+    if n < 4:
+        return None
+    xs = range(n)
+    mx, my = (n - 1) / 2, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    residual = sum((y - my - slope * (x - mx)) ** 2 for x, y in zip(xs, ys)) / (n - 2)
+    stderr = (residual / sxx) ** 0.5
+    t_stat = slope / stderr if stderr > 0 else (0.0 if slope == 0 else -math.inf if slope < 0 else math.inf)
+    return {"relative_slope_per_step": slope / max(abs(my), 1e-12), "t_stat": t_stat, "steps": n}
+
+
+def clearly_falling(losses: list[float]) -> bool:
+    trend = loss_trend(losses)
+    return trend is not None and trend["t_stat"] < -FALLING_T_STAT
+
+
 def warmup_callback(probe: RankingProbe, settle: OrderSettle, every: int, cap: int, losses: list[float]):
-    """Stops the warm-up when the probed ranking has settled, or at ``cap``."""
+    """Stops the warm-up when the probed ranking has settled and the loss is no
+    longer clearly falling, or at ``cap``.
+
+    Both are needed: early in a warm-up the probed order can look steady simply
+    because every update is still small and alike (on a planted task it agreed
+    with itself at step 20 and was wrong), while the loss, still falling fast,
+    says the updates are far from what they will be."""
     from transformers import TrainerCallback
 
     class WarmupCallback(TrainerCallback):
@@ -109,17 +145,20 @@ def warmup_callback(probe: RankingProbe, settle: OrderSettle, every: int, cap: i
                 settled = settle.add(step, probe())
                 if is_main_process() and step % every == 0:
                     last = settle.last or {}
+                    trend = loss_trend(losses)
                     LOG.info(
-                        "ILA warm-up step %d/%d loss %s ranking vs step %s: spearman %s, top-75%% jaccard %s",
+                        "ILA warm-up step %d/%d loss %s (trend t=%s) ranking vs step %s: spearman %s, top-75%% jaccard %s",
                         step,
                         cap,
                         f"{losses[-1]:.4f}" if losses else "n/a",
+                        f"{trend['t_stat']:.1f}" if trend else "n/a",
                         last.get("compared_with_step", "n/a"),
                         last.get("spearman", "n/a"),
                         last.get("top75_jaccard", "n/a"),
                     )
-                # The probe is averaged across ranks, so every rank decides alike.
-                if settled:
+                # The probe is averaged across ranks and the logged loss is
+                # gathered across them, so every rank decides alike.
+                if settled and not clearly_falling(losses):
                     self.stop_reason = "settled"
                     control.should_training_stop = True
             if step >= cap:

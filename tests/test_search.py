@@ -156,3 +156,36 @@ def test_order_settle_respects_min_steps():
     order = [float(i) for i in range(10)]
     results = [settle.add(step, order) for step in (1, 10, 20, 40, 80)]
     assert results == [False, False, False, False, True]
+
+
+def test_the_warmup_does_not_stop_while_the_loss_is_clearly_falling():
+    """Its ranking probe says "settled" at every check; it still goes on while
+    the loss falls clearly (a slow, noisy fall as in fine-tuning), and stops once
+    the loss is flat."""
+    import random
+
+    from transformers import TrainerControl, TrainerState
+
+    from axolotl_ila.warmup import clearly_falling, warmup_callback
+
+    rng = random.Random(0)
+    falling = [5.5 - 0.006 * step + rng.gauss(0, 0.03) for step in range(200)]  # 1% per 10 steps
+    assert clearly_falling(falling[:40])
+    flat = [4.3 + rng.gauss(0, 0.03) for _ in range(200)]
+    assert not clearly_falling(flat[:40])
+
+    def stop_step(curve: list[float]) -> int | None:
+        settle = OrderSettle(agreement=0.9, min_steps=10)
+        losses: list[float] = []
+        callback = warmup_callback(lambda: [float(i) for i in range(28)], settle, every=10, cap=150, losses=losses)
+        state, control = TrainerState(), TrainerControl()
+        for step, loss in enumerate(curve[:150], start=1):
+            state.global_step = step
+            callback.on_log(None, state, control, logs={"loss": loss})
+            callback.on_step_end(None, state, control)
+            if control.should_training_stop:
+                return step if callback.stop_reason == "settled" else None
+        return None
+
+    assert stop_step(falling) is None  # ran to its cap
+    assert stop_step(flat) == 20
