@@ -57,10 +57,13 @@ class ILAPlugin(BasePlugin):
 
     def _search(self, cfg: Any, info: ModelInfo):
         from axolotl_ila.search import check_search_config, search_ranking
+        from axolotl_ila.search_data import check_dataset_files, check_search_data
 
         check_search_config(cfg)
         if self._datasets is None:
+            check_dataset_files(cfg)
             self._datasets = _load_datasets(cfg)
+        check_search_data(cfg, self._datasets)
         return search_ranking(cfg, self._datasets, info)
 
     def _ensure_plan(self, cfg: Any) -> Plan:
