@@ -268,8 +268,10 @@ def save_searched(ranking: Ranking, path: Path, output_dir: str | Path) -> Path:
         save_ranking(ranking, path)
         LOG.info("ILA: wrote ranking %s", path)
         return path
-    except (OSError, RankingError) as exc:
-        error = exc
+    except RankingError as exc:
+        error, reason = exc, exc.problem
+    except OSError as exc:
+        error, reason = exc, exc.strerror or str(exc)
     fallback = Path(output_dir) / FALLBACK_RANKING_NAME
     if fallback.resolve() == path.resolve():
         raise error
@@ -278,13 +280,13 @@ def save_searched(ranking: Ranking, path: Path, output_dir: str | Path) -> Path:
     except (OSError, RankingError) as second:
         raise RankingError(
             f"the search finished, but its ranking could be written neither to ila_ranking {path} "
-            f"({error}) nor to {fallback} ({second})."
+            f"({reason}) nor to {fallback} ({second})."
         ) from error
     LOG.warning(
         "ILA: the search finished, but its ranking could not be written to ila_ranking %s (%s). "
         "It is saved in %s instead, and this run trains with it; copy it to %s (or point "
         "ila_ranking at it) so that later runs reuse it instead of searching again.",
-        path, error, fallback, path,
+        path, reason, fallback, path,
     )
     return fallback
 

@@ -353,10 +353,11 @@ def check_can_create_in(path: str | os.PathLike) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
+        problem = f"creating a file in {directory} fails ({exc.strerror})"
         raise RankingError(
-            f"cannot write {path}: creating a file in {directory} fails ({exc.strerror}). "
-            f"Make {directory} writable, or choose a path this run can write (`ila_ranking`, "
-            f"e.g. under output_dir, or `-o` of `axolotl-ila combine`)."
+            f"cannot write {path}: {problem}. Make {directory} writable, or choose a path this "
+            f"run can write (`ila_ranking`, e.g. under output_dir, or `-o` of `axolotl-ila combine`).",
+            problem=problem,
         ) from exc
 
 

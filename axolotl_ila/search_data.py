@@ -43,8 +43,8 @@ def check_dataset_files(cfg: Any) -> None:
         for path in _local_files(dataset):
             if _is_blank(path):
                 raise SearchError(
-                    f"dataset file {path} (datasets: path {_field(dataset, 'path')}) is empty, so the "
-                    f"ILA search has nothing to train on; fill it or remove it from `datasets`."
+                    f"dataset file {path} is empty, so the ILA search has nothing to train on; "
+                    f"fill it, or remove it from `datasets`."
                 )
 
 
