@@ -143,8 +143,8 @@ def ranking_identity(path: str | Path, ranking: Ranking) -> dict[str, Any]:
     return {"path": str(path), "digest": file_digest(path), "fingerprint": ranking.fingerprint}
 
 
-def read_record(path: Path) -> dict[str, Any]:
-    """A run's ``ila_selection.json``, or an error naming the file and the fix."""
+def read_record(path: Path) -> tuple[dict[str, Any], Selection]:
+    """A run's ``ila_selection.json`` and its selection, or an error naming the file and the fix."""
     restore = f"Restore {path} from the run that wrote it, or start a fresh output_dir."
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
@@ -153,7 +153,7 @@ def read_record(path: Path) -> dict[str, Any]:
     if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
         raise SelectionError(f"{path} is not an ILA selection record. {restore}")
     try:
-        record["selection"] = Selection(
+        selection = Selection(
             kept=tuple(record["kept"]),
             dropped=tuple(record["dropped"]),
             strategy=str(record["strategy"]),
@@ -163,7 +163,7 @@ def read_record(path: Path) -> dict[str, Any]:
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise SelectionError(f"{path} has no valid {exc} entry. {restore}") from exc
-    return record
+    return record, selection
 
 
 def same_rule(a: Selection, b: Selection) -> bool:
@@ -184,8 +184,7 @@ def _selection_from_record(cfg: Any, info: ModelInfo, requested: Selection, curr
             f"trained with an ILA selection, so their adapters would not fit. Resume without the "
             f"ILA plugin, or start a fresh output_dir."
         )
-    record = read_record(path)
-    selection = record["selection"]
+    record, selection = read_record(path)
     if record.get("model_fingerprint") != info.fingerprint:
         raise SelectionError(
             f"{path} records a selection for another architecture than {cfg.base_model}; "

@@ -254,13 +254,12 @@ def check_writable(path: str | os.PathLike, fingerprint: str) -> None:
     path = Path(path)
     if path.is_dir():
         raise RankingError(f"ila_ranking {path} is a directory; give a file path such as {path / 'ranking.json'}.")
-    if not path.exists():
-        parent = path.parent
-        if parent.exists() and not parent.is_dir():
-            raise RankingError(f"ila_ranking {path}: parent {parent} is not a directory.")
-        check_can_create_in(path)
-        return
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise RankingError(f"ila_ranking {path}: parent {parent} is not a directory.")
     check_can_create_in(path)
+    if not path.exists():
+        return
     try:
         existing = load_ranking(path)
     except RankingError as exc:
