@@ -6,6 +6,7 @@ check here runs at config load, before any dataset or weight is touched.
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -52,6 +53,16 @@ class ILAArgs(BaseModel):
         json_schema_extra={
             "description": "Keep or drop each block's q/k/v and gate/up/down together, so axolotl's fused "
             "LoRA kernels (lora_qkv_kernel, lora_mlp_kernel) still apply to every block that keeps them."
+        },
+    )
+
+    # Not an `ila_` key: axolotl reads it (loaders/adapter.py) but its schema lacks
+    # it, so without this declaration validation would drop the user's excludes.
+    lora_exclude_modules: list[str] | str | None = Field(
+        default=None,
+        json_schema_extra={
+            "description": "Modules LoRA never adapts (PEFT exclude_modules: names or dotted suffixes, or one "
+            "regex); they are not ILA candidates either."
         },
     )
 
@@ -148,8 +159,22 @@ class ILAArgs(BaseModel):
     def _check_combination(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
+        check_known_keys(data, ILAArgs.model_fields)
         check_combination(data)
         return data
+
+
+def check_known_keys(data: dict[str, Any], known: Any) -> None:
+    """Refuse an ``ila_`` key the plugin does not declare: axolotl would drop it
+    silently and the run would train with the default (e.g. ``ila_dropfraction``)."""
+    declared = [name for name in known if name.startswith("ila_")]
+    for key in data:
+        if key in REPLACED_KEYS:
+            raise ValueError(f"{key} is no longer a key: {REPLACED_KEYS[key]}. Remove it from the config.")
+        if isinstance(key, str) and key.startswith("ila_") and key not in known:
+            near = difflib.get_close_matches(key, declared, n=1, cutoff=0.6)
+            hint = f"did you mean {near[0]}?" if near else f"known keys: {', '.join(sorted(declared))}"
+            raise ValueError(f"unknown config key {key} for axolotl_ila.ILAPlugin; {hint}")
 
 
 def check_combination(data: dict[str, Any]) -> None:
@@ -174,6 +199,12 @@ def check_combination(data: dict[str, Any]) -> None:
     if data.get("ila_search") == "never" and not data.get("ila_ranking"):
         raise ValueError("ila_search: never needs ila_ranking to point at an existing ranking file")
     check_continuation(data, adapter)
+    spectrum = [p for p in data.get("plugins") or [] if _is_spectrum(p)]
+    if spectrum:
+        raise ValueError(
+            f"{spectrum[0]} and axolotl_ila.ILAPlugin both decide which layers train; "
+            f"remove one of them from `plugins:` (ILA's ila_strategy offers other selections)"
+        )
     if adapter is None and data.get("unfrozen_parameters"):
         raise ValueError(
             "unfrozen_parameters and axolotl_ila.ILAPlugin both decide what full fine-tuning "
@@ -199,9 +230,6 @@ REPLACED_KEYS = {
 
 def check_continuation(data: dict[str, Any], adapter: str | None) -> None:
     """Continuing from the warm-up needs the warm-up's LoRA to be the training's."""
-    for key, why in REPLACED_KEYS.items():
-        if key in data:
-            raise ValueError(f"{key} is no longer a key: {why}. Remove it from the config.")
     wanted = data.get("ila_continue")
     sharded = bool(data.get("fsdp_config") or data.get("fsdp") or data.get("deepspeed"))
     if wanted and adapter is None:
@@ -223,6 +251,14 @@ def check_continuation(data: dict[str, Any], adapter: str | None) -> None:
                 f"(ila_continue, the default for LoRA/QLoRA), so both must be the same. Remove {key}, or set "
                 f"ila_continue: false for a separate warm-up (the paper's two runs)."
             )
+
+
+def _is_spectrum(plugin: Any) -> bool:
+    """axolotl's Spectrum plugin (``axolotl.integrations.spectrum.SpectrumPlugin``).
+
+    Refused with LoRA too: there its patterns match no PEFT name and nothing trains.
+    """
+    return isinstance(plugin, str) and plugin.rsplit(".", 1)[-1] == "SpectrumPlugin"
 
 
 def _fsdp_without_orig_params(fsdp: Any) -> bool:

@@ -154,7 +154,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _same_file(a: str | Path, b: str | Path) -> bool:
+    a, b = Path(a), Path(b)
+    if a.exists() and b.exists():
+        return a.samefile(b)  # also through links
+    return a.resolve() == b.resolve()
+
+
 def cmd_combine(args: argparse.Namespace) -> int:
+    for source in args.rankings:
+        if _same_file(args.output, source):
+            raise UsageError(
+                f"-o {args.output} is one of the input rankings ({source}); write the combined "
+                f"ranking to a new file, so that the inputs stay as they are"
+            )
     rankings, labels = _load_all(args.rankings)
     digests = [file_digest(p) for p in labels]
     combined = combine(rankings, labels, method=args.method, k_fraction=args.k_fraction, digests=digests)

@@ -43,26 +43,33 @@ def barrier() -> None:
         dist.barrier()
 
 
-def main_writes_all_read(write: Callable[[], None], read: Callable[[], T]) -> T:
-    """Run ``write`` on the main process only, then ``read`` on every process.
+def on_main(work: Callable[[], T]) -> T:
+    """Run ``work`` on the main process only; every process gets its result.
 
-    An error on the writer is re-raised on every rank (instead of leaving the
-    others waiting at a barrier forever).
+    An error on the main process is re-raised on every rank (instead of leaving
+    the others waiting at a barrier forever).
     """
     error: str | None = None
+    result = None
     if is_main_process():
         try:
-            write()
+            result = work()
         except Exception as exc:  # re-raised below, on every rank
             error = f"{type(exc).__name__}: {exc}"
             if not is_distributed():
                 raise
     if is_distributed():
-        box = [error]
+        box = [error, result]
         dist.broadcast_object_list(box, src=0)
-        error = box[0]
+        error, result = box
     if error is not None:
         raise RuntimeError(f"ILA: the main process failed to write: {error}")
+    return result
+
+
+def main_writes_all_read(write: Callable[[], None], read: Callable[[], T]) -> T:
+    """Run ``write`` on the main process only, then ``read`` on every process."""
+    on_main(write)
     return read()
 
 

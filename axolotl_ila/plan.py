@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from axolotl_ila.application import exclude_value, skeleton_model, target_candidates, user_excludes
 from axolotl_ila.architecture import fingerprint, linear_modules
-from axolotl_ila.distributed import is_main_process, main_writes_all_read, same_on_all_ranks
+from axolotl_ila.distributed import is_main_process, on_main, same_on_all_ranks, main_writes_all_read
 from axolotl_ila.ranking import (
     Ranking,
     RankingError,
@@ -26,6 +27,7 @@ from axolotl_ila.ranking import (
     check_writable,
     file_digest,
     load_ranking,
+    remove_stale_temp_files,
     save_ranking,
     write_json_atomic,
 )
@@ -44,6 +46,8 @@ LOG = logging.getLogger("axolotl.ila")
 
 RECORD_NAME = "ila_selection.json"
 RECORD_FORMAT = "axolotl-ila-selection"
+# Where a searched ranking goes when ``ila_ranking`` cannot take it after the search.
+FALLBACK_RANKING_NAME = "ila_ranking.json"
 
 
 @dataclass
@@ -141,7 +145,40 @@ def ranking_identity(path: str | Path, ranking: Ranking) -> dict[str, Any]:
     return {"path": str(path), "digest": file_digest(path), "fingerprint": ranking.fingerprint}
 
 
-def _selection_from_record(cfg: Any, info: ModelInfo, current: Selection | None) -> Plan:
+def read_record(path: Path) -> tuple[dict[str, Any], Selection]:
+    """A run's ``ila_selection.json`` and its selection, or an error naming the file and the fix."""
+    restore = f"Restore {path} from the run that wrote it, or start a fresh output_dir."
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SelectionError(f"{path} is not valid JSON ({exc}); it may have been cut short. {restore}") from exc
+    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
+        raise SelectionError(f"{path} is not an ILA selection record. {restore}")
+    try:
+        selection = Selection(
+            kept=tuple(record["kept"]),
+            dropped=tuple(record["dropped"]),
+            strategy=str(record["strategy"]),
+            mode=str(record["mode"]),
+            fraction=float(record["fraction"]),
+            groups=tuple(record.get("groups", ())),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SelectionError(f"{path} has no valid {exc} entry. {restore}") from exc
+    return record, selection
+
+
+def same_rule(a: Selection, b: Selection) -> bool:
+    """Same strategy, mode, fraction and whole groups (the modules may differ)."""
+    return (a.strategy, a.mode, set(a.groups)) == (b.strategy, b.mode, set(b.groups)) and math.isclose(
+        a.fraction, b.fraction
+    )
+
+
+def _selection_from_record(cfg: Any, info: ModelInfo, requested: Selection, current: Selection | None) -> Plan:
+    """The recorded selection of the run being resumed, if the config still asks
+    for it: the same rule (``requested``) in every case and, where the config's
+    ranking can be read (``current``), the same modules too."""
     path = Path(cfg.output_dir) / RECORD_NAME
     if not path.exists():
         raise SelectionError(
@@ -149,26 +186,17 @@ def _selection_from_record(cfg: Any, info: ModelInfo, current: Selection | None)
             f"trained with an ILA selection, so their adapters would not fit. Resume without the "
             f"ILA plugin, or start a fresh output_dir."
         )
-    record = json.loads(path.read_text(encoding="utf-8"))
-    if record.get("format") != RECORD_FORMAT:
-        raise SelectionError(f"{path} is not an ILA selection record; start a fresh output_dir.")
+    record, selection = read_record(path)
     if record.get("model_fingerprint") != info.fingerprint:
         raise SelectionError(
             f"{path} records a selection for another architecture than {cfg.base_model}; "
             f"resume with the base model the run started with."
         )
-    selection = Selection(
-        kept=tuple(record["kept"]),
-        dropped=tuple(record["dropped"]),
-        strategy=record["strategy"],
-        mode=record["mode"],
-        fraction=record["fraction"],
-        groups=tuple(record.get("groups", ())),
-    )
-    if current is not None and set(current.kept) != set(selection.kept):
+    asked = current or requested
+    if not same_rule(requested, selection) or (current is not None and set(current.kept) != set(selection.kept)):
         raise SelectionError(
-            f"resuming in {cfg.output_dir}: the config now selects {len(current.kept)} modules "
-            f"({current.strategy}, {current.mode} {current.fraction:g}) but the checkpoints were trained "
+            f"resuming in {cfg.output_dir}: the config now selects {len(asked.kept)} modules "
+            f"({asked.strategy}, {asked.mode} {asked.fraction:g}) but the checkpoints were trained "
             f"on {len(selection.kept)} ({selection.strategy}, {selection.mode} {selection.fraction:g}, "
             f"recorded in {path}); their adapters would not fit. Restore the ILA settings of that "
             f"run (ila_strategy, fractions, ila_ranking, ila_fused_groups), or start a fresh output_dir."
@@ -190,8 +218,9 @@ def resolve_plan(
     info = describe_model(cfg)
     strategy = cfg.ila_strategy or "ila"
     rule = selection_kwargs(cfg)
-    # Fraction errors (nothing left, nothing dropped) before any expensive work.
-    select(info.candidates, info.candidates, strategy, **rule)
+    # Fraction errors (nothing left, nothing dropped) before any expensive work;
+    # the rule it returns is what a resumed run must still ask for.
+    requested = select(info.candidates, info.candidates, strategy, **rule)
 
     resuming = is_resuming(cfg) and not force_search
     if strategy not in RANKED_STRATEGIES:
@@ -200,36 +229,38 @@ def resolve_plan(
         order = importance_order(info.candidates, strategy, seed=cfg.ila_seed if cfg.ila_seed is not None else 42)
         selection = select(info.candidates, order, strategy, **rule)
         if resuming:
-            return _selection_from_record(cfg, info, selection)
+            return _selection_from_record(cfg, info, requested, selection)
         return Plan(selection=selection, model=info, ranking_identity=None)
 
     path = Path(cfg.ila_ranking)
     mode = "always" if force_search else (cfg.ila_search or "auto")
     if resuming and (not path.exists() or mode == "always"):
         # A resumed run never searches: its adapters already have a shape.
-        return _selection_from_record(cfg, info, None)
+        return _selection_from_record(cfg, info, requested, None)
 
     warm = None
     if mode == "never" or (mode == "auto" and path.exists()):
         ranking = load_ranking(path)
         for warning in check_architecture(ranking, info.fingerprint, cfg.base_model, path):
             LOG.warning("ILA: %s", warning)
+        if is_main_process():
+            remove_stale_temp_files(path)
     else:
         check_writable(path, info.fingerprint)
         if run_search is None:
             raise RankingError(f"no ranking at {path} and no search available in this context.")
         continuing = training and continues_training(cfg)
         result = run_search(cfg, info, continuing)
-        ranking = main_writes_all_read(lambda: save_ranking(result.ranking, path), lambda: load_ranking(path))
+        path = on_main(lambda: save_searched(result.ranking, path, cfg.output_dir or "./model-out"))
+        ranking = load_ranking(path)
         if is_main_process():
-            LOG.info("ILA: wrote ranking %s", path)
             write_heatmap(ranking, path, cfg)
         warm = result.warm
 
     order = importance_order(info.candidates, strategy, ranking=ranking)
     selection = select(info.candidates, order, strategy, **rule)
     if resuming:
-        return _selection_from_record(cfg, info, selection)
+        return _selection_from_record(cfg, info, requested, selection)
     identity = ranking_identity(path, ranking)
     if not same_on_all_ranks(identity["digest"]):
         raise RankingError(f"ranking file {path} differs between processes; put it on a filesystem all ranks share.")
@@ -268,6 +299,37 @@ def hand_over(cfg: Any, plan: Plan, warm: Any) -> Path:
         len(selection.kept),
     )
     return checkpoint
+
+
+def save_searched(ranking: Ranking, path: Path, output_dir: str | Path) -> Path:
+    """Write a searched ranking to ``ila_ranking`` (checked writable before the
+    search). If that still fails (the directory changed, another file appeared
+    there), write it under ``output_dir``: a search is never lost. Returns where."""
+    try:
+        save_ranking(ranking, path)
+        LOG.info("ILA: wrote ranking %s", path)
+        return path
+    except RankingError as exc:
+        error, reason = exc, exc.problem
+    except OSError as exc:
+        error, reason = exc, exc.strerror or str(exc)
+    fallback = Path(output_dir) / FALLBACK_RANKING_NAME
+    if fallback.resolve() == path.resolve():
+        raise error
+    try:
+        save_ranking(ranking, fallback)
+    except (OSError, RankingError) as second:
+        raise RankingError(
+            f"the search finished, but its ranking could be written neither to ila_ranking {path} "
+            f"({reason}) nor to {fallback} ({second})."
+        ) from error
+    LOG.warning(
+        "ILA: the search finished, but its ranking could not be written to ila_ranking %s (%s). "
+        "It is saved in %s instead, and this run trains with it; copy it to %s (or point "
+        "ila_ranking at it) so that later runs reuse it instead of searching again.",
+        path, reason, fallback, path,
+    )
+    return fallback
 
 
 def write_heatmap(ranking: Ranking, ranking_path: Path, cfg: Any) -> None:

@@ -60,11 +60,15 @@ class ILAPlugin(BasePlugin):
     # -- deciding ----------------------------------------------------------------
 
     def _search(self, cfg: Any, info: ModelInfo, keep_warm_state: bool):
-        from axolotl_ila.search import check_search_config, search_ranking
+        from axolotl_ila.search import search_ranking
+        from axolotl_ila.search_config import check_search_config
+        from axolotl_ila.search_data import check_dataset_files, check_search_data
 
         check_search_config(cfg)
         if self._datasets is None:
+            check_dataset_files(cfg)
             self._datasets = _load_datasets(cfg)
+        check_search_data(cfg, self._datasets)
         return search_ranking(cfg, self._datasets, info, keep_warm_state=keep_warm_state)
 
     def _ensure_plan(self, cfg: Any) -> Plan:

@@ -15,12 +15,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
+import socket
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+LOG = logging.getLogger("axolotl.ila")
 
 FORMAT = "axolotl-ila-ranking"
 VERSION = 1
@@ -249,10 +254,11 @@ def check_writable(path: str | os.PathLike, fingerprint: str) -> None:
     path = Path(path)
     if path.is_dir():
         raise RankingError(f"ila_ranking {path} is a directory; give a file path such as {path / 'ranking.json'}.")
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise RankingError(f"ila_ranking {path}: parent {parent} is not a directory.")
+    check_can_create_in(path)
     if not path.exists():
-        parent = path.parent
-        if parent.exists() and not parent.is_dir():
-            raise RankingError(f"ila_ranking {path}: parent {parent} is not a directory.")
         return
     try:
         existing = load_ranking(path)
@@ -282,11 +288,84 @@ def default_file_mode() -> int:
     return 0o666 & ~umask
 
 
+# Temp files are ``.NAME.HOST.PID.RANDOM.tmp`` beside NAME: a writer killed between
+# writing and renaming leaves one, and the name tells whether its writer is gone.
+STALE_TEMP_AGE_S = 3600  # far beyond any JSON write; for writers we cannot ask (other hosts)
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{socket.gethostname()}.{os.getpid()}."
+
+
+def _writer_is_gone(temp: Path, name: str) -> bool:
+    """True when ``temp`` is a leftover of ours: its writer process on this host
+    has exited, or (other hosts, older unnamed temp files) it is over an hour old."""
+    try:
+        age = time.time() - temp.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    parts = temp.name[len(name) + 2 : -len(".tmp")].rsplit(".", 2)  # HOST, PID, RANDOM
+    if len(parts) == 3 and parts[0] == socket.gethostname() and parts[1].isdigit():
+        try:
+            os.kill(int(parts[1]), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass  # alive, another user's
+    return age > STALE_TEMP_AGE_S
+
+
+def remove_stale_temp_files(path: str | os.PathLike) -> list[Path]:
+    """Delete the temp files of killed writers of ``path``; never a live writer's."""
+    path = Path(path)
+    removed = []
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return removed
+    for temp in entries:
+        if not (temp.name.startswith(f".{path.name}.") and temp.name.endswith(".tmp")):
+            continue
+        if _writer_is_gone(temp, path.name):
+            try:
+                temp.unlink()
+                removed.append(temp)
+            except FileNotFoundError:
+                pass  # another process cleaned it first
+            except OSError as exc:
+                LOG.warning("ILA: could not remove the stale temp file %s (%s)", temp, exc.strerror)
+    return removed
+
+
+def check_can_create_in(path: str | os.PathLike) -> None:
+    """Raise unless a file can be created where ``path`` will be written.
+
+    Tried for real (permissions, read-only mounts, root) in the nearest existing
+    directory, so that a search is not run only to be lost when it is saved.
+    """
+    path = Path(path)
+    directory = path.parent
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    try:
+        fd, probe = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        problem = f"creating a file in {directory} fails ({exc.strerror})"
+        raise RankingError(
+            f"cannot write {path}: {problem}. Make {directory} writable, or choose a path this "
+            f"run can write (`ila_ranking`, e.g. under output_dir, or `-o` of `axolotl-ila combine`).",
+            problem=problem,
+        ) from exc
+
+
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     """Write JSON so that readers see the old file or the new one, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temp_files(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.chmod(tmp, default_file_mode())
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:

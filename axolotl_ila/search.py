@@ -27,15 +27,7 @@ from axolotl_ila.gates import OrderSettle, curve, run_gates
 from axolotl_ila.handoff import WarmState
 from axolotl_ila.plan import ModelInfo
 from axolotl_ila.ranking import Ranking
-from axolotl_ila.search_config import (  # noqa: F401  (IN_SEARCH_KEY, check_search_config: the plugin's imports)
-    IN_SEARCH_KEY,
-    SearchError,
-    check_search_config,
-    continues_training,
-    planned_steps,
-    search_config,
-    warmup_cap,
-)
+from axolotl_ila.search_config import SearchError, planned_steps, search_config, warmup_cap
 from axolotl_ila.warmup import FALLING_T_STAT, RankingProbe, loss_trend, lora_modules, update_norms, warmup_callback
 
 LOG = logging.getLogger("axolotl.ila")
