@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from axolotl_ila.application import skeleton_model, target_candidates
-from axolotl_ila.architecture import fingerprint, linear_modules
+from axolotl_ila.application import nothing_targeted_message, skeleton_model, target_candidates
+from axolotl_ila.architecture import fingerprint, model_units
 from axolotl_ila.distributed import is_main_process, main_writes_all_read, same_on_all_ranks
 from axolotl_ila.ranking import (
     Ranking,
@@ -52,6 +52,7 @@ class ModelInfo:
     fingerprint: str
     candidates: list[str]  # model order
     model_section: dict[str, Any]  # the ranking file's "model" section
+    expert_candidates: tuple[str, ...] = ()  # the candidates that are expert parameters
 
 
 @dataclass
@@ -72,13 +73,11 @@ class Plan:
 
 def describe_model(cfg: Any) -> ModelInfo:
     skeleton = skeleton_model(cfg)
-    modules = linear_modules(skeleton)
-    candidates = [m.name for m in target_candidates(skeleton, cfg)]
-    if not candidates:
-        raise SelectionError(
-            "no linear module of this model is targeted by LoRA, so ILA has nothing to select; "
-            "set `lora_target_linear: true` or list `lora_target_modules`."
-        )
+    units = model_units(skeleton)
+    targeted = target_candidates(skeleton, cfg)
+    if not targeted:
+        raise SelectionError(nothing_targeted_message(skeleton, cfg))
+    candidates = [m.name for m in targeted]
     config = skeleton.config
     section = {
         "base_model": cfg.base_model,
@@ -86,10 +85,12 @@ def describe_model(cfg: Any) -> ModelInfo:
         "architectures": getattr(config, "architectures", None),
         "num_hidden_layers": getattr(config, "num_hidden_layers", None),
         "hidden_size": getattr(config, "hidden_size", None),
-        "num_linear_modules": len(modules),
-        "fingerprint": fingerprint(modules),
+        "num_linear_modules": sum(1 for m in units if m.experts is None),
+        "num_expert_parameters": sum(1 for m in units if m.experts is not None),
+        "fingerprint": fingerprint(units),
     }
-    return ModelInfo(fingerprint=section["fingerprint"], candidates=candidates, model_section=section)
+    experts = tuple(m.name for m in targeted if m.experts is not None)
+    return ModelInfo(section["fingerprint"], candidates, section, expert_candidates=experts)
 
 
 KERNEL_OF_GROUP = {"qkv": "lora_qkv_kernel", "mlp": "lora_mlp_kernel"}

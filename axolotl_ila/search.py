@@ -28,8 +28,9 @@ from typing import Any
 
 import torch
 
-from axolotl_ila.architecture import strip_peft_prefix
+from axolotl_ila.application import lora_layers
 from axolotl_ila.distributed import all_reduce_mean_, is_main_process
+from axolotl_ila.lora_update import install_gate, update_norm
 from axolotl_ila.plan import ModelInfo
 from axolotl_ila.ranking import Ranking
 
@@ -172,33 +173,23 @@ def _stability_callback(monitor: StabilityMonitor, cap: int):
 
 
 def lora_modules(model: torch.nn.Module) -> dict[str, Any]:
-    """Base-model name -> PEFT LoRA layer, in model order."""
-    from peft.tuners.lora import LoraLayer
-
-    return {strip_peft_prefix(n): m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    """Base-model unit name -> PEFT LoRA layer, in model order."""
+    return lora_layers(model)
 
 
-@torch.no_grad()
 def update_norms(layers: dict[str, Any], adapter: str = "default") -> dict[str, float]:
-    """Frobenius norm of each module's LoRA update ``scaling * B @ A``.
+    """Frobenius norm of each unit's LoRA update ``scaling * B @ A``.
 
     B starts at zero, so this is how far the update moved during the warm-up.
-    Computed through r x r matrices: ||BA||^2 = trace((B^T B)(A A^T)).
     """
-    norms = {}
-    for name, layer in layers.items():
-        a = layer.lora_A[adapter].weight.float()
-        b = layer.lora_B[adapter].weight.float()
-        squared = torch.trace((b.T @ b) @ (a @ a.T)).clamp_min(0)
-        norms[name] = float(layer.scaling[adapter] * squared.sqrt())
-    return norms
+    return {name: update_norm(layer, adapter) for name, layer in layers.items()}
 
 
 # --------------------------------------------------------------------------- stage 2
 
 
 class GateSearch:
-    """One score s_i per module; its LoRA output is multiplied by sigmoid(s_i).
+    """One score s_i per module; its LoRA update is multiplied by sigmoid(s_i).
 
     Budget: after every step, all scores shift by one common amount so that the
     mean gate stays at most ``budget`` (an exact, order-preserving projection onto
@@ -222,15 +213,10 @@ class GateSearch:
         self._momentum = torch.zeros_like(self.scores)
         self._sq = 0.0
         self._steps = 0
-        self._hooks = [
-            layer.lora_B[adapter].register_forward_hook(self._gate_hook(i)) for i, layer in enumerate(layers.values())
-        ]
+        self._hooks = [install_gate(layer, self._gate(i), adapter) for i, layer in enumerate(layers.values())]
 
-    def _gate_hook(self, index: int):
-        def hook(module, inputs, output):
-            return output * torch.sigmoid(self.scores[index]).to(output.dtype)
-
-        return hook
+    def _gate(self, index: int):
+        return lambda: torch.sigmoid(self.scores[index])
 
     def remove(self) -> None:
         for handle in self._hooks:
