@@ -35,6 +35,7 @@ from axolotl_ila.selection import (
     Selection,
     SelectionError,
     importance_order,
+    no_groups_note,
     select,
     split_groups,
 )
@@ -104,6 +105,8 @@ def fused_groups(cfg: Any) -> tuple[str, ...]:
 def kernel_warnings(cfg: Any, selection: Selection) -> list[str]:
     """One line per fused LoRA kernel that is on but that the selection keeps
     from applying in some blocks (it splits their group), with the key to change."""
+    if cfg.ila_fused_groups and not selection.groups:
+        return [f"ILA: ila_fused_groups: true, but {no_groups_note(fused_groups(cfg))}."]
     if not cfg.adapter or selection.groups:
         return []
     messages = []
