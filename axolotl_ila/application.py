@@ -180,7 +180,7 @@ def exclude_value(existing: list[str] | str | None, dropped: tuple[str, ...]) ->
 
 
 def lora_layers(model: torch.nn.Module) -> dict[str, Any]:
-    """Base-model unit name -> PEFT LoRA layer, in model order.
+    """Base-model unit name -> PEFT LoRA layer, in module-tree order.
 
     A LoRA on an expert parameter is a ``ParamWrapper`` around the experts
     module; two on the same module nest (``experts``, ``experts.base_layer``),
