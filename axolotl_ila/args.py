@@ -237,12 +237,17 @@ def check_continuation(data: dict[str, Any], adapter: str | None) -> None:
             "ila_continue: true needs adapter: lora or qlora; full fine-tuning cannot continue from the "
             "search's LoRA warm-up. Remove ila_continue (full fine-tuning trains afresh after the search)."
         )
+    if wanted and data.get("lora_target_parameters"):
+        raise ValueError(
+            "ila_continue: true is not supported with lora_target_parameters (LoRA on expert parameters) "
+            "yet; set ila_continue: false, or remove it (the default then trains afresh after the search)."
+        )
     if wanted and sharded:
         raise ValueError(
             "ila_continue: true is not supported with FSDP or DeepSpeed (their optimizer state is sharded); "
             "set ila_continue: false, or remove it (the default then trains afresh after the search)."
         )
-    if wanted is False or adapter is None or sharded:
+    if wanted is False or adapter is None or sharded or data.get("lora_target_parameters"):
         return
     for key, twin in (("ila_search_learning_rate", "learning_rate"), ("ila_search_lora_r", "lora_r")):
         if data.get(key) is not None and data.get(key) != data.get(twin):

@@ -17,7 +17,7 @@ from typing import Any, Callable
 from axolotl_ila.analysis import COMBINE_METHODS, combine, compare, top_set
 from axolotl_ila.architecture import block_index, module_kind
 from axolotl_ila.ranking import Ranking, RankingError, file_digest, load_ranking, save_ranking
-from axolotl_ila.selection import FUSED_GROUPS, Selection, SelectionError, importance_order, select
+from axolotl_ila.selection import FUSED_GROUPS, Selection, SelectionError, importance_order, no_groups_note, select
 
 
 class UsageError(Exception):
@@ -51,13 +51,28 @@ def show_json(ranking: Ranking, selection: Selection, path: Path) -> dict[str, A
     }
 
 
-def show_text(ranking: Ranking, selection: Selection, path: Path, top: int) -> str:
+def _model_line(ranking: Ranking) -> str:
     model = ranking.model
-    lines = [
-        f"ranking   {path}",
-        f"model     {model.get('base_model')} ({model.get('model_type')}, {model.get('num_linear_modules')} linear modules, {ranking.fingerprint[:19]}...)",
-        f"scorer    {ranking.scorer}, {len(ranking.modules)} modules ranked",
-    ]
+    experts = model.get("num_expert_parameters")
+    units = f"{model.get('num_linear_modules')} linear modules" + (f" + {experts} expert parameters" if experts else "")
+    return f"model     {model.get('base_model')} ({model.get('model_type')}, {units}, {ranking.fingerprint[:19]}...)"
+
+
+def _ranked_line(ranking: Ranking) -> str:
+    """How many units are ranked, and why that can be fewer than the model has:
+    only those the search's LoRA targets adapted are ranked."""
+    model = ranking.model
+    total = (model.get("num_linear_modules") or 0) + (model.get("num_expert_parameters") or 0)
+    ranked = len(ranking.modules)
+    if not total or ranked >= total:
+        return f"scorer    {ranking.scorer}, {ranked} modules ranked"
+    head_ranked = any(block_index(n) is None for n in ranking.names)
+    hint = "" if head_ranked else "; lora_target_linear leaves out the output head, lm_head"
+    return f"scorer    {ranking.scorer}, {ranked} of the model's {total} modules ranked: those the search's LoRA targeted{hint}"
+
+
+def show_text(ranking: Ranking, selection: Selection, path: Path, top: int, requested_groups: tuple[str, ...] = ()) -> str:
+    lines = [f"ranking   {path}", _model_line(ranking), _ranked_line(ranking)]
     search = ranking.search
     data = (search.get("data") or {}).get("datasets")
     if data:
@@ -84,7 +99,10 @@ def show_text(ranking: Ranking, selection: Selection, path: Path, top: int) -> s
         lines.append(f"  {i + 1:>4}  {m.score:>9.4f}  {norm}  {'keep' if m.name in kept else 'DROP':4}  {m.name}")
         previous = i
     whole = f" (whole {', '.join(selection.groups)})" if selection.groups else ""
-    lines += ["", f"at {selection.mode} {selection.fraction:g}{whole}: kept {len(selection.kept)}, dropped {len(selection.dropped)}", "", "per type (kept/all):"]
+    lines += ["", f"at {selection.mode} {selection.fraction:g}{whole}: kept {len(selection.kept)}, dropped {len(selection.dropped)}"]
+    if requested_groups and not selection.groups:
+        lines.append(f"--fused-groups: {no_groups_note(requested_groups)}")
+    lines += ["", "per type (kept/all):"]
     lines += [f"  {kind:<24} {k}/{n}" for kind, k, n in _per_group(selection, module_kind)]
     blocks = _per_group(selection, block_index)
     lines += ["", "per block (kept/all):", "  " + "  ".join(f"{'head' if b is None else b}:{k}/{n}" for b, k, n in blocks)]
@@ -117,7 +135,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(show_json(ranking, selection, path), indent=2))
     else:
-        print(show_text(ranking, selection, path, args.top))
+        print(show_text(ranking, selection, path, args.top, requested_groups=groups))
     if args.png:
         from axolotl_ila.plots import heatmap
 

@@ -1,6 +1,6 @@
 """Stage 2 of the search: one learned sigmoid gate per module, everything else frozen.
 
-Module i's LoRA output is multiplied by sigmoid(s_i), so its weight becomes
+Unit i's LoRA update is multiplied by sigmoid(s_i), so its weight becomes
 ``W0_i + scaling * sigmoid(s_i) * B_i A_i``. The scores s are learned on the
 training loss under a budget on the mean gate (the paper's ||gamma|| < H); they
 stop when their order has settled (``OrderSettle``), or at ``ila_gate_steps``.
@@ -20,26 +20,24 @@ from typing import Any, Iterator
 import torch
 
 from axolotl_ila.distributed import all_reduce_mean_, is_main_process
+from axolotl_ila.lora_update import install_gate
 from axolotl_ila.search_config import SearchError
 
 LOG = logging.getLogger("axolotl.ila")
 
 
 class Gates:
-    """Scores s_i whose sigmoid scales module i's LoRA output (a forward hook on
-    ``lora_B``, so it works for LoRA on plain, 4-bit and 8-bit linears alike)."""
+    """Scores s_i whose sigmoid scales unit i's LoRA update (``lora_update.install_gate``:
+    LoRA on plain, 4-bit and 8-bit linears, ``Conv1D`` and expert parameters alike)."""
 
     def __init__(self, layers: dict[str, Any], init: float = 0.0, adapter: str = "default"):
         self.names = list(layers)
         first = next(iter(layers.values())).lora_B[adapter].weight
         self.scores = torch.full((len(self.names),), float(init), device=first.device, dtype=torch.float32, requires_grad=True)
-        self._hooks = [layer.lora_B[adapter].register_forward_hook(self._hook(i)) for i, layer in enumerate(layers.values())]
+        self._hooks = [install_gate(layer, self._gate(i), adapter) for i, layer in enumerate(layers.values())]
 
-    def _hook(self, index: int):
-        def hook(module, inputs, output):
-            return output * torch.sigmoid(self.scores[index]).to(output.dtype)
-
-        return hook
+    def _gate(self, index: int):
+        return lambda: torch.sigmoid(self.scores[index])
 
     def remove(self) -> None:
         for handle in self._hooks:

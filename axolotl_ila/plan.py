@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from axolotl_ila.application import exclude_value, skeleton_model, target_candidates, user_excludes
-from axolotl_ila.architecture import fingerprint, linear_modules
-from axolotl_ila.distributed import is_main_process, on_main, same_on_all_ranks, main_writes_all_read
+from axolotl_ila.application import exclude_value, nothing_targeted_message, skeleton_model, target_candidates, user_excludes
+from axolotl_ila.architecture import fingerprint, model_units
+from axolotl_ila.distributed import is_main_process, main_writes_all_read, on_main, same_on_all_ranks
 from axolotl_ila.ranking import (
     Ranking,
     RankingError,
@@ -38,6 +38,7 @@ from axolotl_ila.selection import (
     Selection,
     SelectionError,
     importance_order,
+    no_groups_note,
     select,
     split_groups,
 )
@@ -57,6 +58,7 @@ class ModelInfo:
     fingerprint: str
     candidates: list[str]  # model order
     model_section: dict[str, Any]  # the ranking file's "model" section
+    expert_candidates: tuple[str, ...] = ()  # the candidates that are expert parameters
 
 
 @dataclass
@@ -78,13 +80,11 @@ class Plan:
 
 def describe_model(cfg: Any) -> ModelInfo:
     skeleton = skeleton_model(cfg)
-    modules = linear_modules(skeleton)
-    candidates = [m.name for m in target_candidates(skeleton, cfg)]
-    if not candidates:
-        raise SelectionError(
-            "no linear module of this model is targeted by LoRA, so ILA has nothing to select; "
-            "set `lora_target_linear: true` or list `lora_target_modules`."
-        )
+    units = model_units(skeleton)
+    targeted = target_candidates(skeleton, cfg)
+    if not targeted:
+        raise SelectionError(nothing_targeted_message(skeleton, cfg))
+    candidates = [m.name for m in targeted]
     config = skeleton.config
     section = {
         "base_model": cfg.base_model,
@@ -92,10 +92,12 @@ def describe_model(cfg: Any) -> ModelInfo:
         "architectures": getattr(config, "architectures", None),
         "num_hidden_layers": getattr(config, "num_hidden_layers", None),
         "hidden_size": getattr(config, "hidden_size", None),
-        "num_linear_modules": len(modules),
-        "fingerprint": fingerprint(modules),
+        "num_linear_modules": sum(1 for m in units if m.experts is None),
+        "num_expert_parameters": sum(1 for m in units if m.experts is not None),
+        "fingerprint": fingerprint(units),
     }
-    return ModelInfo(fingerprint=section["fingerprint"], candidates=candidates, model_section=section)
+    experts = tuple(m.name for m in targeted if m.experts is not None)
+    return ModelInfo(section["fingerprint"], candidates, section, expert_candidates=experts)
 
 
 KERNEL_OF_GROUP = {"qkv": "lora_qkv_kernel", "mlp": "lora_mlp_kernel"}
@@ -109,6 +111,8 @@ def fused_groups(cfg: Any) -> tuple[str, ...]:
 def kernel_warnings(cfg: Any, selection: Selection) -> list[str]:
     """One line per fused LoRA kernel that is on but that the selection keeps
     from applying in some blocks (it splits their group), with the key to change."""
+    if cfg.ila_fused_groups and not selection.groups:
+        return [f"ILA: ila_fused_groups: true, but {no_groups_note(fused_groups(cfg))}."]
     if not cfg.adapter or selection.groups:
         return []
     messages = []

@@ -1,9 +1,11 @@
 """The ranking heatmap (the paper's Fig. 1): block index by module type.
 
 Colour is the score; the modules dropped at the given fraction carry an ``x``.
-Modules outside the blocks (``lm_head``) get a column of their own at the right.
-The image is ``max(8, 2.5 + 0.32 * columns)`` by ``1.6 + 0.42 * types`` inches at
-100 dpi, so its pixel size depends only on the model's shape.
+Modules outside the blocks (``lm_head``) get a column ("head") and a row (their
+name) of their own, at the right and at the bottom, so no block's module type
+seems to own them. The image is ``max(8, 2.5 + 0.32 * columns)`` by
+``1.6 + 0.42 * rows`` inches at 100 dpi, so its pixel size depends only on the
+model's shape.
 """
 
 from __future__ import annotations
@@ -21,10 +23,8 @@ DPI = 100
 
 def figure_size(ranking: Ranking) -> tuple[float, float]:
     """Inches (width, height) of the heatmap for this ranking's module layout."""
-    blocks = {block_index(n) for n in ranking.names}
-    columns = len({b for b in blocks if b is not None}) + (1 if None in blocks else 0)
-    types = len({module_kind(n) for n in ranking.names if block_index(n) is not None}) or 1
-    return max(8.0, 2.5 + 0.32 * columns), 1.6 + 0.42 * types
+    rows, columns, _ = layout(ranking.names)
+    return max(8.0, 2.5 + 0.32 * len(columns)), 1.6 + 0.42 * max(len(rows), 1)
 
 
 def _short_data(ranking: Ranking) -> str:
@@ -41,6 +41,29 @@ def _short_model(ranking: Ranking) -> str:
     """A hub id as is; a local folder by its name."""
     base = str(ranking.model.get("base_model") or "?")
     return Path(base).name if base.startswith(("/", ".")) else base
+
+
+def layout(names: list[str]) -> tuple[list[str], list[str], dict[str, tuple[int, int]]]:
+    """Row labels, column labels, and each module's (row, column) cell.
+
+    Rows are module types, columns blocks; a module outside the blocks
+    (``lm_head``) has the "head" column and a row named after it.
+    """
+    block_ids = sorted({b for b in map(block_index, names) if b is not None})
+    # The ranking does not keep model order, so types are listed alphabetically
+    # (mlp.* above self_attn.*), the same for every ranking of a model.
+    kinds = sorted({module_kind(n) for n in names if block_index(n) is not None})
+    outside = [n for n in names if block_index(n) is None]
+    columns = [str(b) for b in block_ids] + (["head"] if outside else [])
+    rows = kinds + outside
+    cells = {}
+    for name in names:
+        block = block_index(name)
+        if block is None:
+            cells[name] = (rows.index(name), len(columns) - 1)
+        else:
+            cells[name] = (rows.index(module_kind(name)), block_ids.index(block))
+    return rows, columns, cells
 
 
 def heatmap(
@@ -64,22 +87,10 @@ def heatmap(
     dropped = set(selection.dropped)
     values = {m.name: (m.score if scorer == "score" else m.update_norm) for m in ranking.modules}
 
-    block_ids = sorted({b for b in map(block_index, names) if b is not None})
-    # The ranking does not keep model order, so types are listed alphabetically
-    # (mlp.* above self_attn.*), the same for every ranking of a model.
-    kinds = sorted({module_kind(n) for n in names if block_index(n) is not None})
-    outside = [n for n in names if block_index(n) is None]
-    columns = [str(b) for b in block_ids] + (["head"] if outside else [])
-    rows = kinds or ["modules"]
-
+    rows, columns, cells = layout(names)
     grid = np.full((len(rows), len(columns)), np.nan)
     marks = []
-    for name in names:
-        block = block_index(name)
-        if block is None:
-            col, row = len(columns) - 1, 0
-        else:
-            col, row = block_ids.index(block), rows.index(module_kind(name))
+    for name, (row, col) in cells.items():
         grid[row, col] = values[name]
         if name in dropped:
             marks.append((col, row))
@@ -91,8 +102,9 @@ def heatmap(
         ax.text(col, row, "x", ha="center", va="center", color="white", fontsize=9, fontweight="bold")
     ax.set_xticks(range(len(columns)), columns, fontsize=7)
     ax.set_yticks(range(len(rows)), rows, fontsize=8)
-    ax.set_xlabel("transformer block" + (" (head: modules outside blocks, e.g. lm_head)" if outside else ""))
-    fraction = f"{selection.mode} {selection.fraction:g}" + (f", whole {'/'.join(groups)}" if groups else "")
+    outside = [n for n in names if block_index(n) is None]
+    ax.set_xlabel("transformer block" + (f" (head: {', '.join(outside)}, outside the blocks)" if outside else ""))
+    fraction = f"{selection.mode} {selection.fraction:g}" + (f", whole {'/'.join(selection.groups)}" if selection.groups else "")
     ax.set_title(
         f"{_short_model(ranking)}: {ranking.scorer if scorer == 'score' else scorer} "
         f"({_short_data(ranking)}); x = dropped at {fraction} ({len(dropped)}/{len(names)})",

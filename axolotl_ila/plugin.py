@@ -25,11 +25,13 @@ from axolotl_ila.application import (
     ApplicationError,
     exclude_value,
     freeze_dropped,
+    target_parameters_value,
     user_excludes,
+    user_target_parameters,
     verify_adapters,
     verify_trainable,
 )
-from axolotl_ila.architecture import fingerprint, linear_modules
+from axolotl_ila.architecture import fingerprint, model_units
 from axolotl_ila.distributed import is_main_process
 from axolotl_ila.handoff import handoff_check_callback
 from axolotl_ila.plan import ModelInfo, Plan, kernel_warnings, resolve_plan, write_record
@@ -101,7 +103,7 @@ class ILAPlugin(BasePlugin):
         if cfg.get(IN_SEARCH_KEY):
             return
         plan = self._ensure_plan(cfg)
-        built = fingerprint(linear_modules(model))
+        built = fingerprint(model_units(model))
         if built != plan.model.fingerprint:
             raise ApplicationError(
                 f"ILA: the loaded model's linear modules differ from those of its config "
@@ -111,7 +113,13 @@ class ILAPlugin(BasePlugin):
         if cfg.adapter:
             if "ila_user_exclude_modules" not in cfg:
                 cfg["ila_user_exclude_modules"] = cfg.get("lora_exclude_modules") or None
-            cfg.lora_exclude_modules = exclude_value(user_excludes(cfg), plan.selection.dropped)
+            experts = set(plan.model.expert_candidates)
+            dropped_modules = tuple(name for name in plan.selection.dropped if name not in experts)
+            cfg.lora_exclude_modules = exclude_value(user_excludes(cfg), dropped_modules)
+            if "ila_user_target_parameters" not in cfg:
+                cfg["ila_user_target_parameters"] = user_target_parameters(cfg) or None
+            kept_experts = [name for name in plan.selection.kept if name in experts]
+            cfg.lora_target_parameters = target_parameters_value(cfg, kept_experts)
 
     def post_model_load(self, cfg, model):
         if cfg.get(IN_SEARCH_KEY):

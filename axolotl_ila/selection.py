@@ -140,6 +140,31 @@ def _fused_member(name: str, groups: tuple[str, ...]) -> tuple[str, str] | None:
     return None
 
 
+def present_groups(names: list[str], groups: tuple[str, ...]) -> tuple[str, ...]:
+    """The fused groups these modules have: those of which some parent module
+    holds at least two members as separate modules. Phi-3 has neither: its
+    ``qkv_proj`` and ``gate_up_proj`` are fused into one module already, and a
+    lone ``down_proj`` is no group."""
+    for group in groups:
+        if group not in FUSED_GROUPS:
+            raise SelectionError(f"unknown fused group {group!r}; known: {', '.join(FUSED_GROUPS)}.")
+    present = []
+    for group in groups:
+        per_parent = Counter(member[0] for member in map(lambda n: _fused_member(n, (group,)), names) if member)
+        if any(count >= 2 for count in per_parent.values()):
+            present.append(group)
+    return tuple(present)
+
+
+def no_groups_note(groups: tuple[str, ...]) -> str:
+    """Why asking for fused groups changes nothing for this model."""
+    members = " or ".join("/".join(FUSED_GROUPS[g]) for g in groups)
+    return (
+        f"no block has {members} as separate modules (a model like Phi-3 fuses them into qkv_proj "
+        f"and gate_up_proj already), so fused groups group nothing: each module is kept or dropped alone"
+    )
+
+
 def units(order: list[str], groups: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
     """The importance order in units that are kept or dropped whole, most
     important first: one per fused group present (its members under one parent
@@ -219,7 +244,8 @@ def select(
             f"{key}: {fraction:g} of {total} modules drops no module; "
             f"{'lower' if mode == 'keep' else 'raise'} it (one module is {1 / total:.3g} of {total})."
         )
-    ordered_units = units(order, tuple(groups))
+    groups = present_groups(candidates, tuple(groups))
+    ordered_units = units(order, groups)
     if mode == "keep":
         keep = _fill(ordered_units, n_keep)
     else:

@@ -11,7 +11,10 @@ import random
 from pathlib import Path
 
 
-ARCHITECTURES = ("llama", "gpt_neox")
+# llama: separate q/k/v and gate/up/down nn.Linear; gpt_neox: fused query_key_value;
+# gpt2: transformers' Conv1D projections (c_attn, c_proj, c_fc); qwen3_moe: a
+# mixture of experts whose experts are fused 3-D parameters (transformers 5).
+ARCHITECTURES = ("llama", "gpt_neox", "gpt2", "qwen3_moe")
 
 _SUBJECTS = ["cat", "dog", "river", "mountain", "teacher", "robot", "garden", "city", "ocean", "forest"]
 _VERBS = ["sees", "likes", "follows", "builds", "paints", "finds", "carries", "visits", "watches", "helps"]
@@ -84,7 +87,7 @@ def build_model(out_dir: str | Path, architecture: str = "llama", layers: int = 
     predictions, whose samples carry structure a student can learn.
     """
     import torch
-    from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig
+    from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen3MoeConfig
 
     shared = dict(
         vocab_size=vocab_size,
@@ -103,6 +106,31 @@ def build_model(out_dir: str | Path, architecture: str = "llama", layers: int = 
         config = LlamaConfig(num_key_value_heads=2, **shared)  # grouped-query attention, as in Llama 3
     elif architecture == "gpt_neox":
         config = GPTNeoXConfig(**shared)  # fused query_key_value, dense_h_to_4h / dense_4h_to_h
+    elif architecture == "gpt2":
+        config = GPT2Config(
+            vocab_size=vocab_size,
+            n_embd=hidden,
+            n_inner=hidden * 2,
+            n_layer=layers,
+            n_head=4,
+            n_positions=512,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=3,
+            tie_word_embeddings=False,
+            initializer_range=initializer_range,
+        )
+    elif architecture == "qwen3_moe":
+        shared.pop("intermediate_size")
+        config = Qwen3MoeConfig(
+            num_key_value_heads=2,
+            head_dim=hidden // 4,
+            intermediate_size=hidden * 2,
+            moe_intermediate_size=hidden // 2,
+            num_experts=4,
+            num_experts_per_tok=2,
+            **shared,
+        )
     else:
         raise ValueError(f"unknown architecture {architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
     torch.manual_seed(seed)

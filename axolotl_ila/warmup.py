@@ -23,9 +23,10 @@ from typing import Any
 
 import torch
 
-from axolotl_ila.architecture import strip_peft_prefix
+from axolotl_ila.application import lora_layers
 from axolotl_ila.distributed import all_reduce_mean_, is_main_process
 from axolotl_ila.gates import Gates, OrderSettle, cycle_batches, gate_loss
+from axolotl_ila.lora_update import update_norm
 
 LOG = logging.getLogger("axolotl.ila")
 
@@ -33,26 +34,16 @@ PROBE_SMOOTHING = 0.5  # weight of the newest probe in the running average
 
 
 def lora_modules(model: torch.nn.Module) -> dict[str, Any]:
-    """Base-model name -> PEFT LoRA layer, in model order."""
-    from peft.tuners.lora import LoraLayer
-
-    return {strip_peft_prefix(n): m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    """Base-model unit name -> PEFT LoRA layer, in model order."""
+    return lora_layers(model)
 
 
-@torch.no_grad()
 def update_norms(layers: dict[str, Any], adapter: str = "default") -> dict[str, float]:
-    """Frobenius norm of each module's LoRA update ``scaling * B @ A``.
+    """Frobenius norm of each unit's LoRA update ``scaling * B @ A``.
 
     B starts at zero, so this is how far the update moved during the warm-up.
-    Computed through r x r matrices: ||BA||^2 = trace((B^T B)(A A^T)).
     """
-    norms = {}
-    for name, layer in layers.items():
-        a = layer.lora_A[adapter].weight.float()
-        b = layer.lora_B[adapter].weight.float()
-        squared = torch.trace((b.T @ b) @ (a @ a.T)).clamp_min(0)
-        norms[name] = float(layer.scaling[adapter] * squared.sqrt())
-    return norms
+    return {name: update_norm(layer, adapter) for name, layer in layers.items()}
 
 
 class RankingProbe:

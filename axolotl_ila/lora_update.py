@@ -1,0 +1,75 @@
+"""What the search reads from and does to one PEFT LoRA layer: the size of its
+update, and a gate that scales it.
+
+Two kinds of layer need two ways:
+
+- ``lora.Linear`` (on ``nn.Linear`` or ``Conv1D``) computes
+  ``lora_B(lora_A(x)) * scaling``; the gate multiplies ``lora_B``'s output.
+- ``lora.ParamWrapper`` (on a 3-D expert parameter, ``target_parameters``)
+  never calls ``lora_B``: it adds ``get_delta_weight()`` to the parameter for the
+  duration of the forward. The gate multiplies that delta instead. Its LoRA
+  matrices hold one rank-r block per expert, so the update's norm is taken
+  expert by expert, as PEFT's ``get_delta_weight`` lays them out.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+
+def _is_param_wrapper(layer: Any) -> bool:
+    from peft.tuners.lora import ParamWrapper
+
+    return isinstance(layer, ParamWrapper)
+
+
+@torch.no_grad()
+def update_norm(layer: Any, adapter: str = "default") -> float:
+    """Frobenius norm of the layer's LoRA update ``scaling * B @ A`` (for an
+    expert parameter: of the stack of per-expert updates).
+
+    Computed through r x r matrices: ||BA||^2 = trace((B^T B)(A A^T)).
+    """
+    a = layer.lora_A[adapter].weight.float()
+    b = layer.lora_B[adapter].weight.float()
+    experts = getattr(layer, "num_experts", 1) if _is_param_wrapper(layer) else 1
+    # PEFT's layout: A rows are expert-major (experts x r x in), B columns
+    # rank-major (out x r x experts).
+    a = a.reshape(experts, -1, a.shape[-1])
+    b = b.reshape(b.shape[0], -1, experts).permute(2, 0, 1)
+    btb = torch.einsum("eor,eos->ers", b, b)
+    aat = torch.einsum("eri,esi->ers", a, a)
+    squared = (btb * aat.transpose(1, 2)).sum().clamp_min(0)
+    return float(layer.scaling[adapter] * squared.sqrt())
+
+
+class _DeltaGate:
+    """Scales a ParamWrapper's delta weight while installed; ``remove()`` undoes it."""
+
+    def __init__(self, layer: Any, gate: Callable[[], torch.Tensor]):
+        self.layer = layer
+        original = layer.get_delta_weight  # the class's method, bound
+
+        def gated(adapter_name, *args, **kwargs):
+            delta = original(adapter_name, *args, **kwargs)
+            return delta * gate().to(delta.dtype)
+
+        layer.get_delta_weight = gated  # an instance attribute shadows the method
+
+    def remove(self) -> None:
+        if "get_delta_weight" in vars(self.layer):
+            del self.layer.get_delta_weight
+
+
+def install_gate(layer: Any, gate: Callable[[], torch.Tensor], adapter: str = "default"):
+    """Multiply the layer's LoRA update by ``gate()`` on every forward; returns
+    a handle whose ``remove()`` restores the layer."""
+    if _is_param_wrapper(layer):
+        return _DeltaGate(layer, gate)
+
+    def hook(module, inputs, output):
+        return output * gate().to(output.dtype)
+
+    return layer.lora_B[adapter].register_forward_hook(hook)
