@@ -23,6 +23,7 @@ import pytest
 from axolotl_ila.cli import main
 from axolotl_ila.plan import RECORD_NAME, ModelInfo, describe_model, resolve_plan, write_record
 from axolotl_ila.ranking import Ranking, load_ranking, save_ranking
+from axolotl_ila.search import SearchResult
 from axolotl_ila.selection import SelectionError
 from axolotl_ila.tiny import make_alpaca_rows, write_jsonl
 from conftest import adapter_modules, make_config, read_json, run_train, write_config
@@ -46,7 +47,7 @@ def fake_info(names: list[str]) -> ModelInfo:
     return ModelInfo(fingerprint=fingerprint, candidates=names, model_section={"fingerprint": fingerprint})
 
 
-def no_search(cfg, info):
+def no_search(cfg, info, keep_warm_state):
     pytest.fail("the plan searched, but it had to stop or reuse what exists")
 
 
@@ -116,7 +117,7 @@ def test_a_ranking_that_cannot_be_written_after_the_search_is_saved_under_output
     path = Path(cfg.ila_ranking)
     real_mkstemp = tempfile.mkstemp
 
-    def search_then_the_directory_turns_read_only(cfg, info):
+    def search_then_the_directory_turns_read_only(cfg, info, keep_warm_state):
         def mkstemp(*args, dir=None, **kwargs):
             if Path(dir) == path.parent:
                 raise PermissionError(13, "Permission denied")
@@ -124,7 +125,7 @@ def test_a_ranking_that_cannot_be_written_after_the_search_is_saved_under_output
 
         monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
         path.parent.mkdir(parents=True)
-        return model_order_ranking(info, None)
+        return SearchResult(ranking=model_order_ranking(info, None), warm=None)
 
     with caplog.at_level(logging.WARNING, logger="axolotl.ila"):
         plan = resolve_plan(cfg, run_search=search_then_the_directory_turns_read_only)
