@@ -74,8 +74,9 @@ def main(argv=None) -> int:
         "ila_ranking": str(longer),
         "output_dir": str(work / "search-longer-out"),
         "ila_warmup_max_steps": int(round(stage1["max_steps"] * args.longer)),
-        "ila_stability_tolerance": 1e-9,  # run the whole (longer) cap
+        "ila_warmup_min_steps": int(round(stage1["max_steps"] * args.longer)),  # run the whole (longer) cap
         "ila_gate_steps": int(round(stage2["steps"] * args.longer)),
+        "ila_gate_min_steps": int(round(stage2["steps"] * args.longer)),
     }
     search(write_variant(base, work / "search-longer.yml", **longer_changes))
     long_ranking = load_ranking(longer)

@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     rankings.mkdir(parents=True, exist_ok=True)
     common = {
         "ila_gate_steps": args.gate_steps,
-        "ila_stability_tolerance": 1e-9,  # run every warm-up to its cap, so lengths are what we say
+        "ila_gate_min_steps": args.gate_steps,  # run every stage to its cap, so lengths are what we say
         "max_steps": args.warmup_steps * 4,
     }
 
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
         path = rankings / f"{name}.json"
         if not path.exists():
             started = time.perf_counter()
-            search(config(args.model, dataset, work, name, seed=seed, plugins=["axolotl_ila.ILAPlugin"], ila_ranking=str(path), ila_warmup_max_steps=warmup, ila_warmup_min_steps=0, **common))
+            search(config(args.model, dataset, work, name, seed=seed, plugins=["axolotl_ila.ILAPlugin"], ila_ranking=str(path), ila_warmup_max_steps=warmup, ila_warmup_min_steps=warmup, **common))
             print(f"  searched {name} in {time.perf_counter() - started:.0f} s", flush=True)
         return path
 
