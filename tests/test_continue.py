@@ -66,6 +66,13 @@ def test_training_continues_from_the_warmup(tiny_llama, tmp_path, adapter):
         assert relative_change(after[key], warm[key]) < 0.2, key
     assert all(float(warm[k].abs().max()) > 0 for k in warm if ".lora_B." in k)  # B moved off zero
 
+    # After the switch the optimizer holds state for the kept adapters only (A and B
+    # of 21 modules), as in a run with a cached ranking.
+    for checkpoint in (handoff, run / "checkpoint-9"):
+        optimizer = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+        assert len(optimizer["state"]) == 2 * len(kept)
+        assert sum(len(group["params"]) for group in optimizer["param_groups"]) == 2 * len(kept)
+
     # The whole run has the planned number of steps, and the saved adapter holds the kept modules only.
     final_state = read_json(run / "checkpoint-20" / "trainer_state.json")
     assert final_state["global_step"] == 20 and final_state["max_steps"] == 20
