@@ -89,9 +89,12 @@ def training_data(dataset: Path, rows: int, work: Path) -> Path:
 
 def rankings_for(args, datasets: list[Path], needed: set[str], work: Path) -> dict[str, Path]:
     """Paths of the rankings the chosen variants need, searched or combined if missing."""
+    if not needed:
+        return {}
     seed = args.seeds[0]
     own = {d.name: args.rankings / f"{d.name}-seed{seed}.json" for d in datasets}
-    wanted = [d for d in datasets if d.name == args.dataset or needed - {"own"}]
+    # a combined ranking needs every dataset's own
+    wanted = datasets if needed - {"own"} else [d for d in datasets if d.name == args.dataset]
     for dataset in wanted:
         if not own[dataset.name].exists():
             started = time.perf_counter()
@@ -139,7 +142,6 @@ def main(argv=None) -> int:
         if not (args.retention_data / f"{task.removeprefix('ila_')}.jsonl").exists():
             raise SystemExit(f"no {args.retention_data / task.removeprefix('ila_')}.jsonl; run benchmarks/retention_data.py --out {args.retention_data}")
     data = training_data(args.data / args.dataset, args.train_rows, work)
-    rankings = rankings_for(args, datasets, {VARIANTS[v][1] for v in args.variants} - {None}, work)
 
     def score(name: str, adapter: Path | None, meta: dict[str, Any]) -> None:
         out = args.results / f"{name}.json"
@@ -152,7 +154,8 @@ def main(argv=None) -> int:
         write_json_atomic(out, {**meta, "loss_rows": args.loss_rows, "eval_seconds": round(time.perf_counter() - started), **scores})
         print(f"  {name}: loss {json.dumps({k: round(v, 4) for k, v in scores['loss'].items()})} ({time.perf_counter() - started:.0f} s to score)", flush=True)
 
-    score("base", None, {"variant": "base"})
+    score("base", None, {"variant": "base"})  # first: a scoring problem shows before hours of training
+    rankings = rankings_for(args, datasets, {VARIANTS[v][1] for v in args.variants} - {None}, work)
     for seed in args.seeds:
         for variant in args.variants:
             name = f"{args.dataset}-e{args.epochs}-r{args.train_rows}-s{seed}-{slug(variant)}"

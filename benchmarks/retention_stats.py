@@ -63,10 +63,10 @@ def mean_over_seeds(runs: dict[int, dict[str, Any]], pick) -> float:
 def report(results: Path, dataset: str, variants: list[str], seeds: list[int]) -> str:
     base, runs = load_runs(results, dataset)
     runs = {v: {s: r for s, r in runs.get(v, {}).items() if s in seeds} for v in variants}
-    runs = {v: r for v, r in runs.items() if r}
-    if "all" not in runs:
+    if not runs.get("all"):
         return f"no finished all-module LoRA run on {dataset} in {results} yet"
     reference = runs["all"]
+    runs = {v: r for v, r in runs.items() if set(r) & set(reference)}  # only what can be paired
     others = [d for d in sorted(base["loss"]) if d != dataset]
     tasks = list(base["benchmarks"])
     lines = [f"trained on {dataset}; seeds per variant: " + ", ".join(f"{v} {len(r)}" for v, r in runs.items()), ""]

@@ -3,7 +3,6 @@ definitions in benchmarks/retention_tasks/), end to end on the tiny model."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
