@@ -37,6 +37,12 @@ def paired_items(variant: dict[int, dict[str, Any]], reference: dict[int, dict[s
     return [statistics.mean(variant[s]["benchmarks"][task]["items"][i][metric] - reference[s]["benchmarks"][task]["items"][i][metric] for s in seeds) for i in items]
 
 
+def items_vs_base(runs: dict[int, dict[str, Any]], base: dict[str, Any], task: str, metric: int) -> list[float]:
+    """Per item: the trained model's score (mean over seeds) minus the base model's."""
+    items = base["benchmarks"][task]["items"]
+    return [statistics.mean(r["benchmarks"][task]["items"][i][metric] for r in runs.values()) - items[i][metric] for i in items]
+
+
 def normal_interval(values: list[float]) -> tuple[float, float]:
     """Mean and half-width of its 95% normal-approximation interval."""
     mean = statistics.mean(values)
@@ -54,6 +60,11 @@ def t_interval(values: list[float]) -> tuple[float, float]:
 
 def fmt(mean: float, half: float, digits: int = 3) -> str:
     return f"{mean:+.{digits}f}" + ("" if math.isnan(half) else f" [{mean - half:+.{digits}f}, {mean + half:+.{digits}f}]")
+
+
+def versus(variant: str, diffs: list[float]) -> str:
+    interval = fmt(*normal_interval(diffs))
+    return f"(vs base {interval})" if variant == "all" else interval
 
 
 def mean_over_seeds(runs: dict[int, dict[str, Any]], pick) -> float:
@@ -86,7 +97,7 @@ def report(results: Path, dataset: str, variants: list[str], seeds: list[int]) -
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
 
     for metric, label in ((1, "acc_norm"), (0, "acc")):
-        lines += ["", f"{label} (base model in the first row; each cell: mean over seeds, then the paired difference to all-module LoRA [95% interval over items])", ""]
+        lines += ["", f"{label} (base model in the first row; each cell: mean over seeds, then the paired difference to all-module LoRA, or for all-module LoRA to the base model [95% interval over items])", ""]
         lines += ["| variant | " + " | ".join(t.removeprefix("ila_") for t in tasks) + " | pooled |", "|---" * (len(tasks) + 2) + "|"]
         lines.append("| base | " + " | ".join(f"{base['benchmarks'][t][label]:.3f}" for t in tasks) + f" | {statistics.mean(v[metric] for t in tasks for v in base['benchmarks'][t]['items'].values()):.3f} |")
         for variant, by_seed in runs.items():
@@ -94,10 +105,11 @@ def report(results: Path, dataset: str, variants: list[str], seeds: list[int]) -
             pooled_diffs: list[float] = []
             for task in tasks:
                 value = mean_over_seeds(by_seed, lambda r: r["benchmarks"][task][label])
-                diffs = paired_items(by_seed, reference, task, metric)
+                # all-module LoRA is compared with the base model (what it forgot), the others with it
+                diffs = items_vs_base(by_seed, base, task, metric) if variant == "all" else paired_items(by_seed, reference, task, metric)
                 pooled_diffs += diffs
-                cells.append(f"{value:.3f}" + ("" if variant == "all" else f" {fmt(*normal_interval(diffs))}"))
+                cells.append(f"{value:.3f} {versus(variant, diffs)}")
             pooled = statistics.mean(v[metric] for r in by_seed.values() for t in tasks for v in r["benchmarks"][t]["items"].values())
-            cells.append(f"{pooled:.3f}" + ("" if variant == "all" else f" {fmt(*normal_interval(pooled_diffs))}"))
+            cells.append(f"{pooled:.3f} {versus(variant, pooled_diffs)}")
             lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
