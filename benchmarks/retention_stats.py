@@ -1,0 +1,115 @@
+"""Tables of the retention study, with paired 95% intervals against all-module LoRA.
+
+Benchmarks: for each item, the difference of its 0/1 score between a variant and
+all-module LoRA, averaged over the seeds both have; the interval is the normal
+approximation over items (mean +- 1.96 sd / sqrt(items)), so it covers item
+sampling and the seed-to-seed noise each item shows, not how different a new
+set of seeds could make the models as a whole. Losses: the per-seed difference
+to all-module LoRA, t-interval over seeds (three seeds make it wide).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+
+def load_runs(results: Path, dataset: str) -> tuple[dict[str, Any], dict[str, dict[int, dict[str, Any]]]]:
+    """The base model's scores, and {variant: {seed: scores}} for runs on ``dataset``."""
+    base_path = results / "base.json"
+    if not base_path.exists():
+        raise SystemExit(f"no {base_path}: the study has not scored the base model yet")
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
+    for path in sorted(results.glob("*.json")):
+        run = json.loads(path.read_text(encoding="utf-8"))
+        if run.get("dataset") == dataset:
+            runs.setdefault(run["variant"], {})[run["seed"]] = run
+    return json.loads(base_path.read_text(encoding="utf-8")), runs
+
+
+def paired_items(variant: dict[int, dict[str, Any]], reference: dict[int, dict[str, Any]], task: str, metric: int) -> list[float]:
+    """Per item: the variant's score minus the reference's, averaged over shared seeds."""
+    seeds = sorted(set(variant) & set(reference))
+    items = reference[seeds[0]]["benchmarks"][task]["items"]
+    return [statistics.mean(variant[s]["benchmarks"][task]["items"][i][metric] - reference[s]["benchmarks"][task]["items"][i][metric] for s in seeds) for i in items]
+
+
+def items_vs_base(runs: dict[int, dict[str, Any]], base: dict[str, Any], task: str, metric: int) -> list[float]:
+    """Per item: the trained model's score (mean over seeds) minus the base model's."""
+    items = base["benchmarks"][task]["items"]
+    return [statistics.mean(r["benchmarks"][task]["items"][i][metric] for r in runs.values()) - items[i][metric] for i in items]
+
+
+def normal_interval(values: list[float]) -> tuple[float, float]:
+    """Mean and half-width of its 95% normal-approximation interval."""
+    mean = statistics.mean(values)
+    return mean, 1.96 * statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+
+
+def t_interval(values: list[float]) -> tuple[float, float]:
+    from scipy.stats import t
+
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    return mean, t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def fmt(mean: float, half: float, digits: int = 3) -> str:
+    return f"{mean:+.{digits}f}" + ("" if math.isnan(half) else f" [{mean - half:+.{digits}f}, {mean + half:+.{digits}f}]")
+
+
+def versus(variant: str, diffs: list[float]) -> str:
+    interval = fmt(*normal_interval(diffs))
+    return f"(vs base {interval})" if variant == "all" else interval
+
+
+def mean_over_seeds(runs: dict[int, dict[str, Any]], pick) -> float:
+    return statistics.mean(pick(r) for r in runs.values())
+
+
+def report(results: Path, dataset: str, variants: list[str], seeds: list[int]) -> str:
+    base, runs = load_runs(results, dataset)
+    runs = {v: {s: r for s, r in runs.get(v, {}).items() if s in seeds} for v in variants}
+    if not runs.get("all"):
+        return f"no finished all-module LoRA run on {dataset} in {results} yet"
+    reference = runs["all"]
+    runs = {v: r for v, r in runs.items() if set(r) & set(reference)}  # only what can be paired
+    others = [d for d in sorted(base["loss"]) if d != dataset]
+    tasks = list(base["benchmarks"])
+    lines = [f"trained on {dataset}; seeds per variant: " + ", ".join(f"{v} {len(r)}" for v, r in runs.items()), ""]
+
+    lines += ["| variant | " + " | ".join([f"{dataset} loss (in domain)", "vs all"] + [f"{d} loss" for d in others] + ["out-of-domain mean", "vs all"]) + " |"]
+    lines += ["|---" * (5 + len(others)) + "|"]
+    lines += [f"| base | {base['loss'][dataset]:.4f} | | " + " | ".join(f"{base['loss'][d]:.4f}" for d in others) + f" | {statistics.mean(base['loss'][d] for d in others):.4f} | |"]
+    for variant, by_seed in runs.items():
+        shared = sorted(set(by_seed) & set(reference))
+        ood = {s: statistics.mean(by_seed[s]["loss"][d] for d in others) for s in by_seed}
+        ood_ref = {s: statistics.mean(reference[s]["loss"][d] for d in others) for s in reference}
+        in_diff = t_interval([by_seed[s]["loss"][dataset] - reference[s]["loss"][dataset] for s in shared])
+        ood_diff = t_interval([ood[s] - ood_ref[s] for s in shared])
+        cells = [f"{mean_over_seeds(by_seed, lambda r: r['loss'][dataset]):.4f}", fmt(*in_diff, 4) if variant != "all" else ""]
+        cells += [f"{mean_over_seeds(by_seed, lambda r, d=d: r['loss'][d]):.4f}" for d in others]
+        cells += [f"{statistics.mean(ood.values()):.4f}", fmt(*ood_diff, 4) if variant != "all" else ""]
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+
+    for metric, label in ((1, "acc_norm"), (0, "acc")):
+        lines += ["", f"{label} (base model in the first row; each cell: mean over seeds, then the paired difference to all-module LoRA, or for all-module LoRA to the base model [95% interval over items])", ""]
+        lines += ["| variant | " + " | ".join(t.removeprefix("ila_") for t in tasks) + " | pooled |", "|---" * (len(tasks) + 2) + "|"]
+        lines.append("| base | " + " | ".join(f"{base['benchmarks'][t][label]:.3f}" for t in tasks) + f" | {statistics.mean(v[metric] for t in tasks for v in base['benchmarks'][t]['items'].values()):.3f} |")
+        for variant, by_seed in runs.items():
+            cells = []
+            pooled_diffs: list[float] = []
+            for task in tasks:
+                value = mean_over_seeds(by_seed, lambda r: r["benchmarks"][task][label])
+                # all-module LoRA is compared with the base model (what it forgot), the others with it
+                diffs = items_vs_base(by_seed, base, task, metric) if variant == "all" else paired_items(by_seed, reference, task, metric)
+                pooled_diffs += diffs
+                cells.append(f"{value:.3f} {versus(variant, diffs)}")
+            pooled = statistics.mean(v[metric] for r in by_seed.values() for t in tasks for v in r["benchmarks"][t]["items"].values())
+            cells.append(f"{pooled:.3f} {versus(variant, pooled_diffs)}")
+            lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
