@@ -242,9 +242,15 @@ def test_a_failed_write_on_the_main_process_stops_every_rank(tiny_llama, tmp_pat
     run = launch(write_config(cfg, tmp_path / "config.yml"), monitor_s=10, ILA_TEST_FAIL_WRITE="1")
     assert run.returncode != 0
     assert sorted(run.reports) == [0, 1], run.logs[-4000:]
+    fallback = tmp_path / "run" / "ila_ranking.json"
     for rank in (0, 1):
         error = run.reports[rank]["error"]
-        assert "ILA: the main process failed to write: OSError: injected by the test" in error, error[:2000]
-    assert [run.reports[r]["save_ranking_calls"] for r in (0, 1)] == [1, 0]
-    assert not ranking.exists()
+        assert (
+            f"ILA: the main process failed to write: RankingError: the search finished, but its ranking could "
+            f"be written neither to ila_ranking {ranking}" in error
+        ), error[:2000]
+        assert f"nor to {fallback} (injected by the test" in error, error[:2000]
+    # The main process tried ila_ranking, then the fallback under output_dir; the other rank wrote nothing.
+    assert [run.reports[r]["save_ranking_calls"] for r in (0, 1)] == [2, 0]
+    assert not ranking.exists() and not fallback.exists()
     assert not (tmp_path / "run" / "ila_selection.json").exists()
