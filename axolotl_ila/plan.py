@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from axolotl_ila.application import exclude_value, nothing_targeted_message, skeleton_model, target_candidates, user_excludes
 from axolotl_ila.architecture import fingerprint, model_units
-from axolotl_ila.distributed import is_main_process, main_writes_all_read, on_main, same_on_all_ranks
+from axolotl_ila.distributed import is_main_process, on_main, same_on_all_ranks
 from axolotl_ila.ranking import (
     Ranking,
     RankingError,
@@ -294,7 +294,7 @@ def hand_over(cfg: Any, plan: Plan, warm: Any) -> Path:
             exclude=exclude_value(user_excludes(cfg), selection.dropped),
         )
 
-    main_writes_all_read(write, lambda: None)
+    on_main(write)
     checkpoint = checkpoint_dir(output_dir, warm.step)
     LOG.info(
         "ILA: the training continues from the warm-up's step %d (%s), with adapters on the %d kept modules only",
