@@ -196,7 +196,7 @@ def run_gates(
     lr: float,
     budget: float,
     agreement: float,
-    check_every: int = 8,
+    check_every: int = 4,
     min_steps: int = 16,
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """Learn the gate scores until their order settles (or ``max_steps``)."""

@@ -1,7 +1,7 @@
 """What the first run costs: ILA's search inside the training run, against the same
 run with the ranking already present.
 
-    python benchmarks/first_run.py --model MODEL_DIR --data DATA_DIR [--steps 300] [--runs manpages:1 ...]
+    python benchmarks/first_run.py --model MODEL_DIR --data DATA_DIR [--steps 300] [--micro-batch-size 2] [--runs manpages:1 ...]
 
 For every DATASET:SEED in ``--runs`` (each one resumable: a finished part is kept
 in WORKDIR/results.json and skipped on a rerun), on SmolLM2 with LoRA, drop 25%:
@@ -56,14 +56,14 @@ def part(results: dict, key: str, work: Path, compute) -> dict:
     return results[key]
 
 
-def study(model: Path, dataset: Path, seed: int, steps: int, work: Path, results: dict) -> dict:
+def study(model: Path, dataset: Path, seed: int, steps: int, batch: int, work: Path, results: dict) -> dict:
     from axolotl_ila.analysis import jaccard, top_set
     from axolotl_ila.ranking import load_ranking
 
     name = f"{dataset.name}-s{seed}"
     ranking = work / "rankings" / f"{name}.json"
     common = dict(
-        eval_rows=True, seed=seed, max_steps=steps, eval_strategy="steps", eval_steps=steps,
+        eval_rows=True, seed=seed, max_steps=steps, micro_batch_size=batch, eval_strategy="steps", eval_steps=steps,
         plugins=["axolotl_ila.ILAPlugin"], ila_ranking=str(ranking), ila_drop_fraction=0.25,
     )
     first_cfg = config(model, dataset, work, f"{name}-first", **common)
@@ -92,7 +92,7 @@ def study(model: Path, dataset: Path, seed: int, steps: int, work: Path, results
         paper_ranking = work / "rankings" / f"{name}-paper.json"
         cap = math.ceil(0.25 * steps)
         search(config(
-            model, dataset, work, f"{name}-paper", seed=seed, max_steps=steps, plugins=["axolotl_ila.ILAPlugin"],
+            model, dataset, work, f"{name}-paper", seed=seed, max_steps=steps, micro_batch_size=batch, plugins=["axolotl_ila.ILAPlugin"],
             ila_ranking=str(paper_ranking), ila_search="always", ila_warmup_min_steps=cap, ila_gate_steps=128,
             ila_gate_min_steps=128,
         ))
@@ -112,11 +112,18 @@ def main(argv=None) -> int:
     parser.add_argument("--data", required=True, type=Path)
     parser.add_argument("--workdir", type=Path, default=Path("bench-out/first-run"))
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--micro-batch-size", type=int, default=2, help="2 keeps a SmolLM2 step near one second on 2 cores")
     parser.add_argument("--runs", nargs="+", default=["manpages:1", "manpages:2", "manpages:3", "python-reference:1", "stdlib-docs:1"])
     args = parser.parse_args(argv)
     work = args.workdir.resolve()
     results_path = work / "results.json"
     results = json.loads(results_path.read_text(encoding="utf-8")) if results_path.exists() else {}
+    settings = {"steps": args.steps, "micro_batch_size": args.micro_batch_size}
+    if results.setdefault("settings", settings) != settings:
+        raise SystemExit(
+            f"{results_path} holds runs made with {results['settings']}, not {settings}: "
+            "give another --workdir, or the same --steps and --micro-batch-size"
+        )
 
     rows = []
     for item in args.runs:
@@ -124,9 +131,9 @@ def main(argv=None) -> int:
         dataset = args.data / dataset_name
         if not (dataset / "train.jsonl").exists():
             raise SystemExit(f"--runs {item}: no {dataset / 'train.jsonl'}; build the datasets with benchmarks/setup.sh")
-        rows.append((item, study(args.model.resolve(), dataset.resolve(), int(seed), args.steps, work, results)))
+        rows.append((item, study(args.model.resolve(), dataset.resolve(), int(seed), args.steps, args.micro_batch_size, work, results)))
 
-    print(f"\nmodel {args.model}, {args.steps} planned steps, LoRA r=8, drop 25%, {platform.node()} ({platform.machine()}), {time.strftime('%Y-%m-%d')}")
+    print(f"\nmodel {args.model}, {args.steps} planned steps, micro-batch {args.micro_batch_size} x 128 tokens, LoRA r=8, drop 25%, {platform.node()} ({platform.machine()}), {time.strftime('%Y-%m-%d')}")
     print("| dataset:seed | warm-up steps (stop) | gate steps (stop) | first run s | cached run s | first / cached | top-75% Jaccard vs paper-length | eval loss one run | eval loss two runs | one - two |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     ratios, jaccards, diffs = [], [], []
