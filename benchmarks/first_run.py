@@ -27,8 +27,11 @@ and a summary; the targets are a wall-time ratio <= 1.10 and a Jaccard >= 0.90.
 from __future__ import annotations
 
 import argparse
+import datetime
+import importlib.metadata
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -36,6 +39,28 @@ import time
 from pathlib import Path
 
 from common import config, last_metric, run, search, train
+
+
+def log_time(log: Path, marker: str) -> datetime.datetime:
+    """When the first line of an axolotl debug.log holding ``marker`` was written."""
+    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+        if marker in line and line.startswith("[20"):
+            return datetime.datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f")
+    raise SystemExit(f"{log}: no line with {marker!r}")
+
+
+def phases(work: Path, name: str, steps: int, warmup_steps: int) -> dict[str, float]:
+    """Where the first run's time went, from the two runs' debug.log: the switch
+    (gates stopped to the training's first step), and the seconds per training
+    step after it, next to the cached run's over all its steps."""
+    first, cached = work / "runs" / f"{name}-first" / "debug.log", work / "runs" / f"{name}-cached" / "debug.log"
+    start, done = "Starting trainer", "Training completed"
+    span = lambda log, a, b: (log_time(log, b) - log_time(log, a)).total_seconds()  # noqa: E731
+    return {
+        "switch_s": span(first, "ILA gates stopped", start),
+        "first_s_per_step": span(first, start, done) / (steps - warmup_steps),
+        "cached_s_per_step": span(cached, start, done) / steps,
+    }
 
 
 def timed_train(path: Path) -> tuple[float, float]:
@@ -67,7 +92,8 @@ def study(model: Path, dataset: Path, seed: int, steps: int, batch: int, work: P
         plugins=["axolotl_ila.ILAPlugin"], ila_ranking=str(ranking), ila_drop_fraction=0.25,
     )
     first_cfg = config(model, dataset, work, f"{name}-first", **common)
-    run([sys.executable, "-m", "axolotl.cli.preprocess", str(first_cfg)], f"preprocess {name}")
+    if any(f"{name}|{part_name}" not in results for part_name in ("first", "cached", "paper")):
+        run([sys.executable, "-m", "axolotl.cli.preprocess", str(first_cfg)], f"preprocess {name}")
 
     def first() -> dict:
         if ranking.exists():  # a run killed after its search: start it again from nothing
@@ -133,9 +159,11 @@ def main(argv=None) -> int:
             raise SystemExit(f"--runs {item}: no {dataset / 'train.jsonl'}; build the datasets with benchmarks/setup.sh")
         rows.append((item, study(args.model.resolve(), dataset.resolve(), int(seed), args.steps, args.micro_batch_size, work, results)))
 
-    print(f"\nmodel {args.model}, {args.steps} planned steps, micro-batch {args.micro_batch_size} x 128 tokens, LoRA r=8, drop 25%, {platform.node()} ({platform.machine()}), {time.strftime('%Y-%m-%d')}")
-    print("| dataset:seed | warm-up steps (stop) | gate steps (stop) | first run s | cached run s | first / cached | top-75% Jaccard vs paper-length | eval loss one run | eval loss two runs | one - two |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"\nmodel {args.model}, {args.steps} planned steps, micro-batch {args.micro_batch_size} x 128 tokens, LoRA r=8, drop 25%")
+    versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in ("torch", "transformers", "peft", "axolotl"))
+    print(f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs), Python {platform.python_version()}, {versions}, {time.strftime('%Y-%m-%d')}")
+    print("| dataset:seed | warm-up steps (stop) | gate steps (stop) | gates s | switch s | s/step after the switch (cached run) | first run s | cached run s | first / cached | top-75% Jaccard vs paper-length | eval loss one run | eval loss two runs | one - two |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     ratios, jaccards, diffs = [], [], []
     for item, r in rows:
         first, cached, paper = r["first"], r["cached"], r["paper"]
@@ -144,8 +172,12 @@ def main(argv=None) -> int:
         ratios.append(ratio)
         jaccards.append(paper["jaccard_top75"])
         diffs.append(diff)
+        ranking = json.loads((work / "rankings" / f"{item.replace(':', '-s')}.json").read_text(encoding="utf-8"))
+        where = phases(work, item.replace(":", "-s"), args.steps, first["warmup_steps"])
         print(
             f"| {item} | {first['warmup_steps']} ({first['warmup_stop']}) | {first['gate_steps']} ({first['gate_stop']}) "
+            f"| {ranking['search']['stage2']['wall_s']:.0f} | {where['switch_s']:.0f} "
+            f"| {where['first_s_per_step']:.2f} ({where['cached_s_per_step']:.2f}) "
             f"| {first['wall_s']:.0f} | {cached['wall_s']:.0f} | {ratio:.3f} | {paper['jaccard_top75']:.3f} "
             f"| {first['eval_loss']:.4f} | {cached['eval_loss']:.4f} | {diff:+.4f} |"
         )

@@ -108,6 +108,19 @@ def rankings_for(args, datasets: list[Path], needed: set[str], work: Path) -> di
     return paths
 
 
+def check_scored_alike(path: Path, args) -> None:
+    """A result kept from an earlier run is reused only if it was scored on the
+    same benchmark tasks and the same number of loss rows (a study mixing them
+    would compare unlike numbers)."""
+    kept = json.loads(path.read_text(encoding="utf-8"))
+    missing = sorted(set(args.tasks) - set(kept.get("benchmarks", {})))
+    if missing or kept.get("loss_rows") != args.loss_rows:
+        raise SystemExit(
+            f"{path} was scored with tasks {sorted(kept.get('benchmarks', {}))} and --loss-rows {kept.get('loss_rows')}, "
+            f"not tasks {sorted(args.tasks)} and --loss-rows {args.loss_rows}: give another --results folder for this study"
+        )
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, type=Path)
@@ -146,12 +159,13 @@ def main(argv=None) -> int:
     def score(name: str, adapter: Path | None, meta: dict[str, Any]) -> None:
         out = args.results / f"{name}.json"
         if out.exists():
+            check_scored_alike(out, args)
             return
         started = time.perf_counter()
         scores = evaluate(args.model, adapter, args.tasks, args.retention_data, datasets, loss_rows=args.loss_rows)
         from axolotl_ila.ranking import write_json_atomic
 
-        write_json_atomic(out, {**meta, "loss_rows": args.loss_rows, "eval_seconds": round(time.perf_counter() - started), **scores})
+        write_json_atomic(out, {**meta, "loss_rows": args.loss_rows, "retention_data": str(args.retention_data.resolve()), "eval_seconds": round(time.perf_counter() - started), **scores})
         print(f"  {name}: loss {json.dumps({k: round(v, 4) for k, v in scores['loss'].items()})} ({time.perf_counter() - started:.0f} s to score)", flush=True)
 
     score("base", None, {"variant": "base"})  # first: a scoring problem shows before hours of training
@@ -160,6 +174,7 @@ def main(argv=None) -> int:
         for variant in args.variants:
             name = f"{args.dataset}-e{args.epochs}-r{args.train_rows}-s{seed}-{slug(variant)}"
             if (args.results / f"{name}.json").exists():
+                check_scored_alike(args.results / f"{name}.json", args)
                 continue
             keys, ranking = VARIANTS[variant]
             plugin = {"plugins": ["axolotl_ila.ILAPlugin"], "ila_ranking": str(rankings[ranking]), "ila_search": "never", "ila_seed": seed} if ranking else {}
