@@ -110,3 +110,18 @@ def test_missing_benchmark_data_fails_before_training(tiny_llama, tmp_path):
     assert done.returncode != 0
     assert "retention_data.py --out" in done.stderr and "hellaswag.jsonl" in done.stderr
     assert not (tmp_path / "work" / "runs").exists()
+
+
+def test_a_kept_result_scored_differently_is_refused(tmp_path):
+    import argparse
+    import json
+
+    import retention
+
+    kept = tmp_path / "base.json"
+    kept.write_text(json.dumps({"variant": "base", "loss_rows": 16, "benchmarks": {"ila_piqa": {}}}), encoding="utf-8")
+    retention.check_scored_alike(kept, argparse.Namespace(tasks=["ila_piqa"], loss_rows=16))
+    with pytest.raises(SystemExit, match="another --results folder"):
+        retention.check_scored_alike(kept, argparse.Namespace(tasks=["ila_piqa", "ila_arc_easy"], loss_rows=16))
+    with pytest.raises(SystemExit, match="--loss-rows 16"):
+        retention.check_scored_alike(kept, argparse.Namespace(tasks=["ila_piqa"], loss_rows=None))
