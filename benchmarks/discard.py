@@ -33,6 +33,8 @@ from pathlib import Path
 
 from common import ENV
 
+from axolotl_ila.ranking import write_json_atomic
+
 VARIANTS = ("discard", "keep")
 
 
@@ -123,9 +125,7 @@ def main(argv=None) -> int:
             if done.returncode != 0 or not lines:
                 raise SystemExit(f"{key} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
             results[key] = {**json.loads(lines[-1][len("RESULT "):]), "wall_s": round(time.perf_counter() - started, 1)}
-            tmp = out.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(results, indent=1), encoding="utf-8")
-            tmp.replace(out)
+            write_json_atomic(out, results)
             print(f"  {key}: {results[key]}", flush=True)
 
     print(f"\n{platform.node()} ({platform.machine()}), {time.strftime('%Y-%m-%d')}; configs of {work}")

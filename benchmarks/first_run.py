@@ -40,6 +40,8 @@ from pathlib import Path
 
 from common import config, last_metric, run, search, train
 
+from axolotl_ila.ranking import write_json_atomic
+
 
 def log_time(log: Path, marker: str) -> datetime.datetime:
     """When the first line of an axolotl debug.log holding ``marker`` was written."""
@@ -73,10 +75,7 @@ def part(results: dict, key: str, work: Path, compute) -> dict:
     """One resumable piece of the study: computed once, then read back."""
     if key not in results:
         results[key] = compute()
-        work.mkdir(parents=True, exist_ok=True)
-        tmp = work / "results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=1), encoding="utf-8")
-        tmp.replace(work / "results.json")
+        write_json_atomic(work / "results.json", results)
         print(f"  {key}: {results[key]}", flush=True)
     return results[key]
 
@@ -172,8 +171,9 @@ def main(argv=None) -> int:
         ratios.append(ratio)
         jaccards.append(paper["jaccard_top75"])
         diffs.append(diff)
-        ranking = json.loads((work / "rankings" / f"{item.replace(':', '-s')}.json").read_text(encoding="utf-8"))
-        where = phases(work, item.replace(":", "-s"), args.steps, first["warmup_steps"])
+        name = item.replace(":", "-s")
+        ranking = json.loads((work / "rankings" / f"{name}.json").read_text(encoding="utf-8"))
+        where = phases(work, name, args.steps, first["warmup_steps"])
         print(
             f"| {item} | {first['warmup_steps']} ({first['warmup_stop']}) | {first['gate_steps']} ({first['gate_stop']}) "
             f"| {ranking['search']['stage2']['wall_s']:.0f} | {where['switch_s']:.0f} "
