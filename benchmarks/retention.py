@@ -1,13 +1,13 @@
 """What a fine-tune learns and what it keeps: ILA against LoRA on every module.
 
     python benchmarks/retention_data.py --out data/retention --items 200
-    python benchmarks/retention.py --model MODEL_DIR --data DATA_DIR --dataset manpages \\
+    python benchmarks/retention.py --model MODEL_DIR --data DATA_DIR --dataset manpages [stdlib-docs ...] \\
         [--retention-data data/retention] [--seeds 1 2 3] [--epochs 2] [--train-rows 256] \\
         [--loss-rows N] [--variants all "ila drop .25" ...] [--results benchmarks/results/retention-smollm2]
 
 The paper's question (Shi et al., Tables 1, 5, 8, 9): does dropping the least
 important modules keep more of what the base model knew, while learning the new
-data as well? For the dataset named by ``--dataset`` (a folder of DATA_DIR), and
+data as well? For each dataset named by ``--dataset`` (folders of DATA_DIR), and
 every seed, it trains SmolLM2 for ``--epochs`` epochs over the first
 ``--train-rows`` rows of its train.jsonl with each variant (same learning rate,
 schedule and data order), then scores the result with ``retention_eval.py``:
@@ -49,7 +49,7 @@ from typing import Any
 from common import combine, config, search_ranking, train
 from quality import VARIANTS as DROP_VARIANTS
 from retention_eval import TASKS, alpaca_rows, evaluate
-from retention_stats import report
+from retention_stats import report, summary
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -87,20 +87,20 @@ def training_data(dataset: Path, rows: int, work: Path) -> Path:
     return folder
 
 
-def rankings_for(args, datasets: list[Path], needed: set[str], work: Path) -> dict[str, Path]:
+def rankings_for(args, datasets: list[Path], trained_on: str, needed: set[str], work: Path) -> dict[str, Path]:
     """Paths of the rankings the chosen variants need, searched or combined if missing."""
     if not needed:
         return {}
     seed = args.seeds[0]
     own = {d.name: args.rankings / f"{d.name}-seed{seed}.json" for d in datasets}
     # a combined ranking needs every dataset's own
-    wanted = datasets if needed - {"own"} else [d for d in datasets if d.name == args.dataset]
+    wanted = datasets if needed - {"own"} else [d for d in datasets if d.name == trained_on]
     for dataset in wanted:
         if not own[dataset.name].exists():
             started = time.perf_counter()
             search_ranking(args.model, dataset, work, own[dataset.name], seed, warmup_steps=args.warmup_steps, gate_steps=args.gate_steps)
             print(f"  searched {own[dataset.name].name} in {time.perf_counter() - started:.0f} s", flush=True)
-    paths = {"own": own[args.dataset]}
+    paths = {"own": own[trained_on]}
     for method in needed - {"own"}:
         paths[method] = args.rankings / f"combined-{method}-seed{seed}.json"
         if not paths[method].exists():
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, type=Path)
     parser.add_argument("--data", required=True, type=Path, help="folder of datasets from build_datasets.py")
-    parser.add_argument("--dataset", required=True, help="the folder of DATA to train on")
+    parser.add_argument("--dataset", "--datasets", dest="datasets", nargs="+", required=True, help="the folders of DATA to train on, one study each")
     parser.add_argument("--retention-data", type=Path, default=Path("data/retention"))
     parser.add_argument("--tasks", nargs="*", default=list(TASKS))
     parser.add_argument("--rankings", type=Path, help="folder of <dataset>-seed<N>.json rankings (default: WORKDIR/rankings)")
@@ -144,17 +144,17 @@ def main(argv=None) -> int:
         args.variants.insert(0, "all")  # every difference is taken against it
 
     if args.report:
-        print(report(args.results, args.dataset, args.variants, args.seeds))
+        print(tables(args))
         return 0
     work = args.workdir.resolve()
     args.rankings = (args.rankings or work / "rankings").resolve()
     datasets = sorted(p for p in args.data.iterdir() if (p / "eval.jsonl").exists())
-    if args.dataset not in {d.name for d in datasets}:
-        raise SystemExit(f"--dataset {args.dataset!r} is not a dataset folder of {args.data} ({', '.join(d.name for d in datasets)})")
+    for name in args.datasets:
+        if name not in {d.name for d in datasets}:
+            raise SystemExit(f"--dataset {name!r} is not a dataset folder of {args.data} ({', '.join(d.name for d in datasets)})")
     for task in args.tasks:  # fail before hours of training, not after
         if not (args.retention_data / f"{task.removeprefix('ila_')}.jsonl").exists():
             raise SystemExit(f"no {args.retention_data / task.removeprefix('ila_')}.jsonl; run benchmarks/retention_data.py --out {args.retention_data}")
-    data = training_data(args.data / args.dataset, args.train_rows, work)
 
     def score(name: str, adapter: Path | None, meta: dict[str, Any]) -> None:
         out = args.results / f"{name}.json"
@@ -169,25 +169,35 @@ def main(argv=None) -> int:
         print(f"  {name}: loss {json.dumps({k: round(v, 4) for k, v in scores['loss'].items()})} ({time.perf_counter() - started:.0f} s to score)", flush=True)
 
     score("base", None, {"variant": "base"})  # first: a scoring problem shows before hours of training
-    rankings = rankings_for(args, datasets, {VARIANTS[v][1] for v in args.variants} - {None}, work)
-    for seed in args.seeds:
-        for variant in args.variants:
-            name = f"{args.dataset}-e{args.epochs}-r{args.train_rows}-s{seed}-{slug(variant)}"
-            if (args.results / f"{name}.json").exists():
-                check_scored_alike(args.results / f"{name}.json", args)
-                continue
-            keys, ranking = VARIANTS[variant]
-            plugin = {"plugins": ["axolotl_ila.ILAPlugin"], "ila_ranking": str(rankings[ranking]), "ila_search": "never", "ila_seed": seed} if ranking else {}
-            path = config(args.model, data, work, name, seed=seed, num_epochs=args.epochs, **plugin, **keys)
-            run_dir = work / "runs" / name
-            started = time.perf_counter()
-            if not (run_dir / "adapter_model.safetensors").exists():
-                train(path)
-            meta = {"variant": variant, "dataset": args.dataset, "seed": seed, "epochs": args.epochs, "train_rows": args.train_rows,
-                    "train_seconds": round(time.perf_counter() - started), "ranking": str(rankings[ranking]) if ranking else None}
-            score(name, run_dir, meta)
-    print(report(args.results, args.dataset, args.variants, args.seeds))
+    for dataset in args.datasets:
+        data = training_data(args.data / dataset, args.train_rows, work)
+        rankings = rankings_for(args, datasets, dataset, {VARIANTS[v][1] for v in args.variants} - {None}, work)
+        for seed in args.seeds:
+            for variant in args.variants:
+                name = f"{dataset}-e{args.epochs}-r{args.train_rows}-s{seed}-{slug(variant)}"
+                if (args.results / f"{name}.json").exists():
+                    check_scored_alike(args.results / f"{name}.json", args)
+                    continue
+                keys, ranking = VARIANTS[variant]
+                plugin = {"plugins": ["axolotl_ila.ILAPlugin"], "ila_ranking": str(rankings[ranking]), "ila_search": "never", "ila_seed": seed} if ranking else {}
+                path = config(args.model, data, work, name, seed=seed, num_epochs=args.epochs, **plugin, **keys)
+                run_dir = work / "runs" / name
+                started = time.perf_counter()
+                if not (run_dir / "adapter_model.safetensors").exists():
+                    train(path)
+                meta = {"variant": variant, "dataset": dataset, "seed": seed, "epochs": args.epochs, "train_rows": args.train_rows,
+                        "train_seconds": round(time.perf_counter() - started), "ranking": str(rankings[ranking]) if ranking else None}
+                score(name, run_dir, meta)
+    print(tables(args))
     return 0
+
+
+def tables(args) -> str:
+    """Each dataset's tables, then (for several) the differences side by side."""
+    parts = [report(args.results, dataset, args.variants, args.seeds) for dataset in args.datasets]
+    if len(args.datasets) > 1:
+        parts.append(summary(args.results, args.datasets, args.variants, args.seeds))
+    return "\n\n".join(parts)
 
 
 if __name__ == "__main__":

@@ -30,17 +30,22 @@ def load_runs(results: Path, dataset: str) -> tuple[dict[str, Any], dict[str, di
     return json.loads(base_path.read_text(encoding="utf-8")), runs
 
 
-def paired_items(variant: dict[int, dict[str, Any]], reference: dict[int, dict[str, Any]], task: str, metric: int) -> list[float]:
+def paired_items(variant: dict[int, dict[str, Any]], reference: dict[int, dict[str, Any]], task: str, metric: int) -> dict[str, float]:
     """Per item: the variant's score minus the reference's, averaged over shared seeds."""
     seeds = sorted(set(variant) & set(reference))
     items = reference[seeds[0]]["benchmarks"][task]["items"]
-    return [statistics.mean(variant[s]["benchmarks"][task]["items"][i][metric] - reference[s]["benchmarks"][task]["items"][i][metric] for s in seeds) for i in items]
+    return {i: statistics.mean(variant[s]["benchmarks"][task]["items"][i][metric] - reference[s]["benchmarks"][task]["items"][i][metric] for s in seeds) for i in items}
 
 
-def items_vs_base(runs: dict[int, dict[str, Any]], base: dict[str, Any], task: str, metric: int) -> list[float]:
+def items_vs_base(runs: dict[int, dict[str, Any]], base: dict[str, Any], task: str, metric: int) -> dict[str, float]:
     """Per item: the trained model's score (mean over seeds) minus the base model's."""
     items = base["benchmarks"][task]["items"]
-    return [statistics.mean(r["benchmarks"][task]["items"][i][metric] for r in runs.values()) - items[i][metric] for i in items]
+    return {i: statistics.mean(r["benchmarks"][task]["items"][i][metric] for r in runs.values()) - items[i][metric] for i in items}
+
+
+def item_differences(variant: str, by_seed: dict[int, dict[str, Any]], reference: dict[int, dict[str, Any]], base: dict[str, Any], task: str, metric: int) -> dict[str, float]:
+    """All-module LoRA against the base model (what it forgot); any other variant against all-module LoRA."""
+    return items_vs_base(by_seed, base, task, metric) if variant == "all" else paired_items(by_seed, reference, task, metric)
 
 
 def normal_interval(values: list[float]) -> tuple[float, float]:
@@ -105,11 +110,55 @@ def report(results: Path, dataset: str, variants: list[str], seeds: list[int]) -
             pooled_diffs: list[float] = []
             for task in tasks:
                 value = mean_over_seeds(by_seed, lambda r: r["benchmarks"][task][label])
-                # all-module LoRA is compared with the base model (what it forgot), the others with it
-                diffs = items_vs_base(by_seed, base, task, metric) if variant == "all" else paired_items(by_seed, reference, task, metric)
+                diffs = list(item_differences(variant, by_seed, reference, base, task, metric).values())
                 pooled_diffs += diffs
                 cells.append(f"{value:.3f} {versus(variant, diffs)}")
             pooled = statistics.mean(v[metric] for r in by_seed.values() for t in tasks for v in r["benchmarks"][t]["items"].values())
             cells.append(f"{pooled:.3f} {versus(variant, pooled_diffs)}")
             lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def summary(results: Path, datasets: list[str], variants: list[str], seeds: list[int]) -> str:
+    """One row per variant, each dataset's differences side by side: in-domain and
+    out-of-domain loss (t-interval over seeds) and acc_norm pooled over the
+    benchmarks (normal interval over items), all-module LoRA against the base
+    model and every other variant against all-module LoRA. The last column
+    averages each item's difference over the datasets first, so an item counts
+    once however many datasets were trained on."""
+    studies = {}
+    for dataset in datasets:
+        base, runs = load_runs(results, dataset)
+        runs = {v: {s: r for s, r in runs.get(v, {}).items() if s in seeds} for v in variants}
+        if runs.get("all"):
+            studies[dataset] = runs
+    if not studies:
+        return f"no finished all-module LoRA run in {results} yet"
+    tasks = list(base["benchmarks"])
+    lines = [
+        "Differences to all-module LoRA (for `all` itself: to the base model), mean [95% interval]; "
+        "losses over seeds, acc_norm over items, pooled over " + ", ".join(t.removeprefix("ila_") for t in tasks),
+        "",
+        "| variant | " + " | ".join(f"{d}: in domain | {d}: out of domain | {d}: acc_norm" for d in studies) + " | acc_norm, all datasets |",
+        "|---" * (2 + 3 * len(studies)) + "|",
+    ]
+    for variant in variants:
+        cells, per_item = [], {}
+        for dataset, runs in studies.items():
+            by_seed, reference = runs.get(variant, {}), runs["all"]
+            shared = sorted(set(by_seed) & set(reference))
+            if not shared:
+                cells += ["", "", ""]
+                continue
+            others = [d for d in sorted(base["loss"]) if d != dataset]
+            against = {s: {"loss": base["loss"]} for s in shared} if variant == "all" else reference
+            ood = lambda run: statistics.mean(run["loss"][d] for d in others)  # noqa: E731
+            cells.append(fmt(*t_interval([by_seed[s]["loss"][dataset] - against[s]["loss"][dataset] for s in shared]), 4))
+            cells.append(fmt(*t_interval([ood(by_seed[s]) - ood(against[s]) for s in shared]), 4))
+            diffs = {(t, i): d for t in tasks for i, d in item_differences(variant, by_seed, reference, base, t, 1).items()}
+            cells.append(fmt(*normal_interval(list(diffs.values()))))
+            for key, d in diffs.items():
+                per_item.setdefault(key, []).append(d)
+        pooled = fmt(*normal_interval([statistics.mean(d) for d in per_item.values()])) if per_item else ""
+        lines.append(f"| {variant} | " + " | ".join(cells) + f" | {pooled} |")
     return "\n".join(lines)

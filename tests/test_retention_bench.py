@@ -125,3 +125,42 @@ def test_a_kept_result_scored_differently_is_refused(tmp_path):
         retention.check_scored_alike(kept, argparse.Namespace(tasks=["ila_piqa", "ila_arc_easy"], loss_rows=16))
     with pytest.raises(SystemExit, match="--loss-rows 16"):
         retention.check_scored_alike(kept, argparse.Namespace(tasks=["ila_piqa"], loss_rows=None))
+
+
+def write_run(results: Path, name: str, variant: str, dataset: str | None, seed: int | None, loss: dict, items: list[float]) -> None:
+    import json
+
+    run = {"variant": variant, "loss": loss, "benchmarks": {"ila_piqa": {"acc": 0.0, "acc_norm": sum(items) / len(items), "items": {f"q{i}": [v, v] for i, v in enumerate(items)}}}}
+    if dataset:
+        run.update(dataset=dataset, seed=seed)
+    (results / f"{name}.json").write_text(json.dumps(run), encoding="utf-8")
+
+
+def test_summary_sets_each_dataset_side_by_side(tmp_path):
+    import retention_stats
+
+    write_run(tmp_path, "base", "base", None, None, {"a": 3.0, "b": 3.0}, [1, 1, 0, 0])
+    for seed, shift in ((1, 0.0), (2, 0.01)):
+        # all-module LoRA forgot item q1 on both datasets; "x" kept it when trained on a only
+        write_run(tmp_path, f"a-s{seed}-all", "all", "a", seed, {"a": 2.0 + shift, "b": 2.9}, [1, 0, 0, 0])
+        write_run(tmp_path, f"a-s{seed}-x", "x", "a", seed, {"a": 2.1 + shift, "b": 2.8}, [1, 1, 0, 0])
+        write_run(tmp_path, f"b-s{seed}-all", "all", "b", seed, {"a": 2.95, "b": 2.5 + shift}, [1, 0, 0, 0])
+        write_run(tmp_path, f"b-s{seed}-x", "x", "b", seed, {"a": 2.95, "b": 2.5 + shift}, [1, 0, 0, 0])
+    table = retention_stats.summary(tmp_path, ["a", "b"], ["all", "x"], [1, 2])
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in table.splitlines() if line.startswith("| ") and "---" not in line}
+    assert rows["variant"][0] == "a: in domain" and rows["variant"][-1].startswith("acc_norm, all datasets")
+    # all-module LoRA against the base model: in-domain loss fell by 0.995, a quarter of the items lost
+    assert rows["all"][0].startswith("-0.9950") and rows["all"][2].startswith("-0.250")
+    # x against all-module LoRA, on a: +0.1 in domain (the same every seed: a zero-width interval), -0.1 out of domain, +1/4 items
+    assert rows["x"][0] == "+0.1000 [+0.1000, +0.1000]" and rows["x"][1].startswith("-0.1000") and rows["x"][2].startswith("+0.250")
+    # on b nothing differs; pooled, item q1 counts once at the mean of its two differences (+1 and 0)
+    assert rows["x"][5].startswith("+0.000") and rows["x"][-1].strip(" |").startswith("+0.125")
+
+
+def test_a_study_names_each_dataset_it_trains_on(tmp_path):
+    import retention
+
+    (tmp_path / "bench" / "alpha").mkdir(parents=True)
+    (tmp_path / "bench" / "alpha" / "eval.jsonl").write_text("{}\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match="'gamma' is not a dataset folder"):
+        retention.main(["--model", "m", "--data", str(tmp_path / "bench"), "--dataset", "alpha", "gamma", "--workdir", str(tmp_path / "w"), "--results", str(tmp_path / "r")])
