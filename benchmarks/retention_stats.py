@@ -120,12 +120,12 @@ def report(results: Path, dataset: str, variants: list[str], seeds: list[int]) -
 
 
 def summary(results: Path, datasets: list[str], variants: list[str], seeds: list[int]) -> str:
-    """One row per variant, each dataset's differences side by side: in-domain and
-    out-of-domain loss (t-interval over seeds) and acc_norm pooled over the
-    benchmarks (normal interval over items), all-module LoRA against the base
-    model and every other variant against all-module LoRA. The last column
-    averages each item's difference over the datasets first, so an item counts
-    once however many datasets were trained on."""
+    """Every dataset's differences in one table: in-domain and out-of-domain loss
+    (t-interval over seeds) and acc_norm pooled over the benchmarks (normal
+    interval over items); all-module LoRA against the base model, every other
+    variant against all-module LoRA. The last rows pool the datasets: each
+    item's difference is averaged over them first, so an item counts once
+    however many datasets were trained on."""
     studies = {}
     for dataset in datasets:
         base, runs = load_runs(results, dataset)
@@ -139,26 +139,27 @@ def summary(results: Path, datasets: list[str], variants: list[str], seeds: list
         "Differences to all-module LoRA (for `all` itself: to the base model), mean [95% interval]; "
         "losses over seeds, acc_norm over items, pooled over " + ", ".join(t.removeprefix("ila_") for t in tasks),
         "",
-        "| variant | " + " | ".join(f"{d}: in domain | {d}: out of domain | {d}: acc_norm" for d in studies) + " | acc_norm, all datasets |",
-        "|---" * (2 + 3 * len(studies)) + "|",
+        "| trained on | variant | seeds | in-domain loss | out-of-domain loss | acc_norm |",
+        "|---|---|---|---|---|---|",
     ]
-    for variant in variants:
-        cells, per_item = [], {}
-        for dataset, runs in studies.items():
-            by_seed, reference = runs.get(variant, {}), runs["all"]
+    per_item: dict[str, dict[tuple[str, str], list[float]]] = {}
+    for dataset, runs in studies.items():
+        others = [d for d in sorted(base["loss"]) if d != dataset]
+        reference = runs["all"]
+        for variant in variants:
+            by_seed = runs.get(variant, {})
             shared = sorted(set(by_seed) & set(reference))
             if not shared:
-                cells += ["", "", ""]
                 continue
-            others = [d for d in sorted(base["loss"]) if d != dataset]
             against = {s: {"loss": base["loss"]} for s in shared} if variant == "all" else reference
             ood = lambda run: statistics.mean(run["loss"][d] for d in others)  # noqa: E731
-            cells.append(fmt(*t_interval([by_seed[s]["loss"][dataset] - against[s]["loss"][dataset] for s in shared]), 4))
-            cells.append(fmt(*t_interval([ood(by_seed[s]) - ood(against[s]) for s in shared]), 4))
+            in_domain = fmt(*t_interval([by_seed[s]["loss"][dataset] - against[s]["loss"][dataset] for s in shared]), 4)
+            out_of_domain = fmt(*t_interval([ood(by_seed[s]) - ood(against[s]) for s in shared]), 4)
             diffs = {(t, i): d for t in tasks for i, d in item_differences(variant, by_seed, reference, base, t, 1).items()}
-            cells.append(fmt(*normal_interval(list(diffs.values()))))
             for key, d in diffs.items():
-                per_item.setdefault(key, []).append(d)
-        pooled = fmt(*normal_interval([statistics.mean(d) for d in per_item.values()])) if per_item else ""
-        lines.append(f"| {variant} | " + " | ".join(cells) + f" | {pooled} |")
+                per_item.setdefault(variant, {}).setdefault(key, []).append(d)
+            lines.append(f"| {dataset} | {variant} | {len(shared)} | {in_domain} | {out_of_domain} | {fmt(*normal_interval(list(diffs.values())))} |")
+    if len(studies) > 1:
+        for variant, items in per_item.items():
+            lines.append(f"| all {len(studies)} datasets | {variant} | | | | {fmt(*normal_interval([statistics.mean(d) for d in items.values()]))} |")
     return "\n".join(lines)
