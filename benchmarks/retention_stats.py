@@ -30,6 +30,23 @@ def load_runs(results: Path, dataset: str) -> tuple[dict[str, Any], dict[str, di
     return json.loads(base_path.read_text(encoding="utf-8")), runs
 
 
+def chosen_runs(results: Path, dataset: str, variants: list[str], seeds: list[int]) -> tuple[dict[str, Any], dict[str, dict[int, dict[str, Any]]]]:
+    """``load_runs``, kept to the given variants (each possibly empty) and seeds."""
+    base, runs = load_runs(results, dataset)
+    return base, {v: {s: r for s, r in runs.get(v, {}).items() if s in seeds} for v in variants}
+
+
+def loss_differences(by_seed: dict[int, dict[str, Any]], against: dict[int, dict[str, Any]], dataset: str, others: list[str]) -> tuple[tuple[float, float], tuple[float, float]]:
+    """In-domain and mean out-of-domain loss, ``by_seed`` minus ``against`` per
+    shared seed: each a mean and the half-width of its t-interval over seeds."""
+    shared = sorted(set(by_seed) & set(against))
+    ood = lambda run: statistics.mean(run["loss"][d] for d in others)  # noqa: E731
+    return (
+        t_interval([by_seed[s]["loss"][dataset] - against[s]["loss"][dataset] for s in shared]),
+        t_interval([ood(by_seed[s]) - ood(against[s]) for s in shared]),
+    )
+
+
 def paired_items(variant: dict[int, dict[str, Any]], reference: dict[int, dict[str, Any]], task: str, metric: int) -> dict[str, float]:
     """Per item: the variant's score minus the reference's, averaged over shared seeds."""
     seeds = sorted(set(variant) & set(reference))
@@ -77,8 +94,7 @@ def mean_over_seeds(runs: dict[int, dict[str, Any]], pick) -> float:
 
 
 def report(results: Path, dataset: str, variants: list[str], seeds: list[int]) -> str:
-    base, runs = load_runs(results, dataset)
-    runs = {v: {s: r for s, r in runs.get(v, {}).items() if s in seeds} for v in variants}
+    base, runs = chosen_runs(results, dataset, variants, seeds)
     if not runs.get("all"):
         return f"no finished all-module LoRA run on {dataset} in {results} yet"
     reference = runs["all"]
@@ -91,14 +107,11 @@ def report(results: Path, dataset: str, variants: list[str], seeds: list[int]) -
     lines += ["|---" * (5 + len(others)) + "|"]
     lines += [f"| base | {base['loss'][dataset]:.4f} | | " + " | ".join(f"{base['loss'][d]:.4f}" for d in others) + f" | {statistics.mean(base['loss'][d] for d in others):.4f} | |"]
     for variant, by_seed in runs.items():
-        shared = sorted(set(by_seed) & set(reference))
-        ood = {s: statistics.mean(by_seed[s]["loss"][d] for d in others) for s in by_seed}
-        ood_ref = {s: statistics.mean(reference[s]["loss"][d] for d in others) for s in reference}
-        in_diff = t_interval([by_seed[s]["loss"][dataset] - reference[s]["loss"][dataset] for s in shared])
-        ood_diff = t_interval([ood[s] - ood_ref[s] for s in shared])
+        in_diff, ood_diff = loss_differences(by_seed, reference, dataset, others)
+        ood = [statistics.mean(r["loss"][d] for d in others) for r in by_seed.values()]
         cells = [f"{mean_over_seeds(by_seed, lambda r: r['loss'][dataset]):.4f}", fmt(*in_diff, 4) if variant != "all" else ""]
         cells += [f"{mean_over_seeds(by_seed, lambda r, d=d: r['loss'][d]):.4f}" for d in others]
-        cells += [f"{statistics.mean(ood.values()):.4f}", fmt(*ood_diff, 4) if variant != "all" else ""]
+        cells += [f"{statistics.mean(ood):.4f}", fmt(*ood_diff, 4) if variant != "all" else ""]
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
 
     for metric, label in ((1, "acc_norm"), (0, "acc")):
@@ -128,8 +141,7 @@ def summary(results: Path, datasets: list[str], variants: list[str], seeds: list
     however many datasets were trained on."""
     studies = {}
     for dataset in datasets:
-        base, runs = load_runs(results, dataset)
-        runs = {v: {s: r for s, r in runs.get(v, {}).items() if s in seeds} for v in variants}
+        base, runs = chosen_runs(results, dataset, variants, seeds)
         if runs.get("all"):
             studies[dataset] = runs
     if not studies:
@@ -152,9 +164,7 @@ def summary(results: Path, datasets: list[str], variants: list[str], seeds: list
             if not shared:
                 continue
             against = {s: {"loss": base["loss"]} for s in shared} if variant == "all" else reference
-            ood = lambda run: statistics.mean(run["loss"][d] for d in others)  # noqa: E731
-            in_domain = fmt(*t_interval([by_seed[s]["loss"][dataset] - against[s]["loss"][dataset] for s in shared]), 4)
-            out_of_domain = fmt(*t_interval([ood(by_seed[s]) - ood(against[s]) for s in shared]), 4)
+            in_domain, out_of_domain = (fmt(*interval, 4) for interval in loss_differences(by_seed, against, dataset, others))
             diffs = {(t, i): d for t in tasks for i, d in item_differences(variant, by_seed, reference, base, t, 1).items()}
             for key, d in diffs.items():
                 per_item.setdefault(variant, {}).setdefault(key, []).append(d)
