@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from axolotl_ila.analysis import COMBINE_METHODS, combine, compare, top_set
 from axolotl_ila.architecture import block_index, module_kind
+from axolotl_ila.certainty import certainty, certainty_warnings
 from axolotl_ila.ranking import Ranking, RankingError, file_digest, load_ranking, save_ranking
 from axolotl_ila.selection import FUSED_GROUPS, Selection, SelectionError, importance_order, no_groups_note, select
 
@@ -48,6 +49,7 @@ def show_json(ranking: Ranking, selection: Selection, path: Path) -> dict[str, A
         "per_type": {k: {"kept": kept, "all": n} for k, kept, n in _per_group(selection, module_kind)},
         "per_block": {str(b): {"kept": kept, "all": n} for b, kept, n in _per_group(selection, block_index)},
         "search": {k: ranking.search.get(k) for k in ("method", "created", "seed", "stage1", "stage2", "data", "combine") if k in ranking.search},
+        "certainty": certainty(ranking.search) if "stage1" in ranking.search else None,
     }
 
 
@@ -82,6 +84,10 @@ def show_text(ranking: Ranking, selection: Selection, path: Path, top: int, requ
         if info:
             extra = f", stopped: {info['stop_reason']}" if "stop_reason" in info else ""
             lines.append(f"{stage}    {info.get('steps')} steps, {info.get('wall_s', 0):.1f} s, loss {info.get('loss_first', 0):.4f} -> {info.get('loss_last', 0):.4f}{extra}")
+    if any(isinstance(search.get(stage), dict) for stage in ("stage1", "stage2")):
+        warnings = certainty_warnings(search)
+        lines.append("certainty " + ("settled: both stages' order had stopped moving" if not warnings else "NOT SETTLED"))
+        lines += [f"          {w}" for w in warnings]
     if search.get("method") == "combine":
         combined = search["combine"]
         lines.append(f"combined  {combined['method']} of {', '.join(i['path'] for i in combined['inputs'])}")

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from axolotl_ila.application import exclude_value, nothing_targeted_message, skeleton_model, target_candidates, user_excludes
 from axolotl_ila.architecture import fingerprint, model_units
+from axolotl_ila.certainty import certainty_warnings
 from axolotl_ila.distributed import is_main_process, on_main, same_on_all_ranks
 from axolotl_ila.ranking import (
     Ranking,
@@ -247,6 +248,8 @@ def resolve_plan(
         ranking = load_ranking(path)
         for warning in check_architecture(ranking, info.fingerprint, cfg.base_model, path):
             LOG.warning("ILA: %s", warning)
+        for warning in certainty_warnings(ranking.search):  # a fresh search logs its own
+            LOG.warning("ILA: %s (%s)", warning, path)
         if is_main_process():
             remove_stale_temp_files(path)
     else:

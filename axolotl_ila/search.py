@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from axolotl_ila.certainty import certainty, certainty_warnings
 from axolotl_ila.gates import OrderSettle, curve, run_gates
 from axolotl_ila.handoff import WarmState
 from axolotl_ila.plan import ModelInfo
@@ -174,6 +175,7 @@ def search_ranking(cfg: Any, dataset_meta: Any, info: ModelInfo, keep_warm_state
         "world_size": int(trainer.args.world_size),
         "versions": _versions(),
     }
+    search["certainty"] = certainty(search)
     ranking = Ranking.from_scores(
         scores, model=info.model_section, search=search, update_norms=norms, module_order=info.candidates
     )
@@ -185,6 +187,8 @@ def search_ranking(cfg: Any, dataset_meta: Any, info: ModelInfo, keep_warm_state
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     LOG.info("ILA search done\n%s", top_bottom_table(ranking))
+    for warning in certainty_warnings(search):
+        LOG.warning("ILA: %s", warning)
     return SearchResult(ranking=ranking, warm=warm)
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 # llama: separate q/k/v and gate/up/down nn.Linear; gpt_neox: fused query_key_value;
 # gpt2: transformers' Conv1D projections (c_attn, c_proj, c_fc); qwen3_moe: a
 # mixture of experts whose experts are fused 3-D parameters (transformers 5).
-ARCHITECTURES = ("llama", "gpt_neox", "gpt2", "qwen3_moe")
+# qwen2: grouped-query attention with q/k/v biases; mistral: grouped-query attention.
+ARCHITECTURES = ("llama", "gpt_neox", "gpt2", "qwen3_moe", "qwen2", "mistral")
 
 _SUBJECTS = ["cat", "dog", "river", "mountain", "teacher", "robot", "garden", "city", "ocean", "forest"]
 _VERBS = ["sees", "likes", "follows", "builds", "paints", "finds", "carries", "visits", "watches", "helps"]
@@ -87,7 +88,7 @@ def build_model(out_dir: str | Path, architecture: str = "llama", layers: int = 
     predictions, whose samples carry structure a student can learn.
     """
     import torch
-    from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen3MoeConfig
+    from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3MoeConfig
 
     shared = dict(
         vocab_size=vocab_size,
@@ -104,6 +105,10 @@ def build_model(out_dir: str | Path, architecture: str = "llama", layers: int = 
     )
     if architecture == "llama":
         config = LlamaConfig(num_key_value_heads=2, **shared)  # grouped-query attention, as in Llama 3
+    elif architecture == "qwen2":
+        config = Qwen2Config(num_key_value_heads=2, **shared)  # q/k/v carry biases
+    elif architecture == "mistral":
+        config = MistralConfig(num_key_value_heads=2, **shared)
     elif architecture == "gpt_neox":
         config = GPTNeoXConfig(**shared)  # fused query_key_value, dense_h_to_4h / dense_4h_to_h
     elif architecture == "gpt2":

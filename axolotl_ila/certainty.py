@@ -1,0 +1,81 @@
+"""How sure a ranking is: did each stage of its search settle, and how much was
+its order still moving when it stopped?
+
+Each stage records why it stopped (``settled`` or ``cap``) and its last check:
+the rank correlation and top-75% Jaccard of its order against the order at
+about half its steps. A stage is *settled* when that last check agreed at
+``agreement`` or more on both measures, whatever stopped it (a stage that ran
+to its cap with a steady order is as settled as one that stopped early). A
+ranking whose warm-up had not settled ranks modules by updates that were still
+growing, and can leave out a module that would train well: the summary says so
+and names the key that gives the stage more steps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# The key that lengthens each stage, and what to do with it.
+_LONGER = {
+    "stage1": "raise ila_warmup_fraction (the paper allows up to 0.5 of the run) or set ila_warmup_max_steps",
+    "stage2": "raise ila_gate_steps",
+}
+_NAMES = {"stage1": "warm-up", "stage2": "gates"}
+
+
+def stage_certainty(stage: dict[str, Any], default_agreement: float = 0.9) -> dict[str, Any]:
+    """One stage's summary: stop reason, last comparison, and whether it settled."""
+    settle = stage.get("settle") or {}
+    agreement = float(settle.get("agreement", default_agreement))
+    last = settle.get("last_check") or {}
+    rho, jaccard = last.get("spearman"), last.get("top75_jaccard")
+    checked = rho is not None and jaccard is not None
+    return {
+        "stop_reason": stage.get("stop_reason"),
+        "steps": stage.get("steps"),
+        "max_steps": stage.get("max_steps"),
+        "agreement": agreement,
+        "last_spearman": rho,
+        "last_top75_jaccard": jaccard,
+        "compared_steps": [last.get("compared_with_step"), last.get("step")] if checked else None,
+        "settled": bool(checked and rho >= agreement and jaccard >= agreement),
+    }
+
+
+def certainty(search: dict[str, Any]) -> dict[str, Any]:
+    """The certainty section of a ranking file's ``search``, from its stages."""
+    stages = {key: stage_certainty(search[key]) for key in ("stage1", "stage2") if isinstance(search.get(key), dict)}
+    return {
+        "settled": bool(stages) and all(s["settled"] for s in stages.values()),
+        "warmup": stages.get("stage1"),
+        "gates": stages.get("stage2"),
+    }
+
+
+def certainty_warnings(search: dict[str, Any]) -> list[str]:
+    """Plain sentences for the log and ``show``: one per stage that had not
+    settled, saying how much its order was moving and what to change. Empty
+    for a ranking without search stages (e.g. a combined one)."""
+    out = []
+    for key in ("stage1", "stage2"):
+        stage = search.get(key)
+        if not isinstance(stage, dict):
+            continue
+        info = stage_certainty(stage)
+        if info["settled"]:
+            continue
+        if info["compared_steps"] is None:
+            moving = "too short to compare its order with an earlier one"
+        else:
+            earlier, last = info["compared_steps"]
+            moving = (
+                f"its order at step {last} against step {earlier}: rank correlation {info['last_spearman']:.2f}, "
+                f"top-75% Jaccard {info['last_top75_jaccard']:.2f} (settled needs {info['agreement']:g})"
+            )
+        why = "ran to its cap" if info["stop_reason"] == "cap" else f"stopped ({info['stop_reason']})"
+        out.append(
+            f"this ranking's {_NAMES[key]} had not settled: it {why} after {info['steps']}/{info['max_steps']} steps "
+            f"with the order still moving ({moving}). Modules whose update was still growing may be ranked too low; "
+            f"to search longer, {_LONGER[key]}, and search again (ila_search: always)."
+        )
+    return out

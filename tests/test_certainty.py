@@ -1,0 +1,65 @@
+"""How sure a ranking is: the certainty summary, the plain warnings, and what
+``axolotl-ila show`` prints for a settled and an unsettled ranking."""
+
+from __future__ import annotations
+
+import json
+
+from axolotl_ila.certainty import certainty, certainty_warnings, stage_certainty
+from axolotl_ila.cli import main
+from axolotl_ila.ranking import Ranking, save_ranking
+
+
+def stage(stop: str, rho: float | None, jaccard: float | None, steps: int = 50, cap: int = 50) -> dict:
+    last = None if rho is None else {"step": steps, "compared_with_step": steps // 2, "spearman": rho, "top75_jaccard": jaccard}
+    return {"steps": steps, "max_steps": cap, "stop_reason": stop, "settle": {"agreement": 0.9, "last_check": last}}
+
+
+def test_a_stage_is_settled_by_its_last_comparison_not_by_why_it_stopped():
+    assert stage_certainty(stage("settled", 0.95, 0.93))["settled"]
+    assert stage_certainty(stage("cap", 0.97, 0.95))["settled"]  # ran to its cap, but the order held still
+    assert not stage_certainty(stage("cap", 0.97, 0.81))["settled"]  # the top set still changing
+    assert not stage_certainty(stage("cap", 0.6, 0.95))["settled"]
+    assert not stage_certainty(stage("cap", None, None, steps=3))["settled"]  # never compared
+
+
+def test_certainty_summary_and_warnings_name_the_stage_and_the_key():
+    search = {"stage1": stage("cap", 0.88, 0.74, 50, 50), "stage2": stage("settled", 0.99, 1.0, 16, 128)}
+    summary = certainty(search)
+    assert summary["settled"] is False
+    assert summary["warmup"]["settled"] is False and summary["gates"]["settled"] is True
+    assert summary["warmup"]["last_top75_jaccard"] == 0.74 and summary["warmup"]["compared_steps"] == [25, 50]
+    (warning,) = certainty_warnings(search)
+    assert "warm-up had not settled" in warning and "ran to its cap after 50/50 steps" in warning
+    assert "Jaccard 0.74" in warning and "ila_warmup_fraction" in warning
+
+    gates = {"stage1": stage("settled", 0.95, 0.95), "stage2": stage("cap", 0.5, 0.6, 128, 128)}
+    (warning,) = certainty_warnings(gates)
+    assert "gates had not settled" in warning and "ila_gate_steps" in warning
+
+    assert certainty_warnings({"stage1": stage("settled", 0.95, 0.95), "stage2": stage("cap", 0.95, 0.95)}) == []
+    assert certainty_warnings({"method": "combine"}) == []  # a combined ranking has no stages
+
+
+def _ranking(tmp_path, search):
+    model = {"base_model": "tiny", "model_type": "llama", "fingerprint": "sha256:" + "a" * 64, "num_linear_modules": 4}
+    path = tmp_path / "r.json"
+    save_ranking(Ranking.from_scores({f"model.layers.0.mlp.{k}": float(i) for i, k in enumerate("abcd")}, model=model, search=search), path)
+    return path
+
+
+def test_show_says_plainly_when_the_warmup_had_not_settled(tmp_path, capsys):
+    path = _ranking(tmp_path, {"method": "ila", "stage1": stage("cap", 0.8, 0.7), "stage2": stage("settled", 0.99, 1.0)})
+    assert main(["show", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "certainty NOT SETTLED" in out and "warm-up had not settled" in out and "ila_warmup_fraction" in out
+    assert main(["show", str(path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["certainty"]["settled"] is False and data["certainty"]["warmup"]["stop_reason"] == "cap"
+
+
+def test_show_says_settled(tmp_path, capsys):
+    path = _ranking(tmp_path, {"method": "ila", "stage1": stage("settled", 0.95, 0.95), "stage2": stage("settled", 0.99, 1.0)})
+    assert main(["show", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "certainty settled" in out and "NOT SETTLED" not in out
