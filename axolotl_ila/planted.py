@@ -124,8 +124,10 @@ class TaskFiles:
 
 
 def _order(task: PlantedTask, modules) -> list[str]:
+    """Model order; modules outside the blocks (an output head a search
+    ranked, as GPT-NeoX's lm_head under lora_target_linear) last."""
     order = candidate_modules(task.family, task.layers)
-    return sorted(set(modules), key=order.index)
+    return sorted(set(modules), key=lambda n: (order.index(n) if n in order else len(order), n))
 
 
 @torch.no_grad()

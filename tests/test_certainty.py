@@ -63,3 +63,17 @@ def test_show_says_settled(tmp_path, capsys):
     assert main(["show", str(path)]) == 0
     out = capsys.readouterr().out
     assert "certainty settled" in out and "NOT SETTLED" not in out
+
+
+def test_gate_budget_follows_a_small_keep_fraction():
+    from types import SimpleNamespace
+
+    from axolotl_ila.search_config import gate_budget
+
+    def cfg(**kw):
+        return SimpleNamespace(**{"ila_gate_budget": None, "ila_keep_fraction": None, **kw})
+
+    assert gate_budget(cfg()) == 0.5  # drop mode (the default): half the gates open
+    assert gate_budget(cfg(ila_keep_fraction=0.1)) == 0.1  # keep 10%: compete for 10% openness
+    assert gate_budget(cfg(ila_keep_fraction=0.7)) == 0.5
+    assert gate_budget(cfg(ila_keep_fraction=0.1, ila_gate_budget=0.3)) == 0.3  # an explicit budget wins

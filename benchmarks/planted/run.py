@@ -31,6 +31,7 @@ from axolotl_ila.planted import (
     PlantedTask,
     base_gradient_scores,
     build_task,
+    candidate_modules,
     load_json,
     measure_truth,
     random_task,
@@ -63,6 +64,9 @@ NEVER_SETTLE = {"ila_settle_agreement": 0.99999}
 STRATEGIES: dict[str, Strategy] = {
     "ila": Strategy("default", "score", {}, "the ranking, every ila_ key at its default"),
     "update_norm": Strategy("default", "update_norm", {}, "the default search's warm-up update norms (ALLO-style)"),
+    # The gates' budget at the keep fraction k/n (ila_keep_fraction: k/n, the
+    # default budget then follows it).
+    "ila_keepk": Strategy("keepk", "score", {"ila_keep_fraction": "k/n"}, "every ila_ key at its default, ila_keep_fraction: k/n"),
     "ila_paper25": Strategy("paper25", "score", NEVER_SETTLE, "warm-up to 25% of the run, 128 gate steps"),
     "ila_paper50": Strategy("paper50", "score", {**NEVER_SETTLE, "ila_warmup_fraction": 0.5}, "warm-up to 50% of the run, 128 gate steps"),
     "update_norm50": Strategy("paper50", "update_norm", {**NEVER_SETTLE, "ila_warmup_fraction": 0.5}, "update norms after a warm-up of 50%"),
@@ -82,7 +86,8 @@ def run_search(task: PlantedTask, files, strategy: Strategy, out: Path) -> dict[
 
     work = files.root / f"search-{strategy.search}"
     ranking = work / "ranking.json"
-    config = write_config(search_config(task, files, work, ranking, **strategy.overrides), work / "search.yml")
+    overrides = {k: (task.k / len(candidate_modules(task.family, task.layers)) if v == "k/n" else v) for k, v in strategy.overrides.items()}
+    config = write_config(search_config(task, files, work, ranking, **overrides), work / "search.yml")
     started = time.perf_counter()
     search_config_file(str(config))
     data = load_json(ranking)
