@@ -115,14 +115,17 @@ class ILAArgs(BaseModel):
         default=16,
         json_schema_extra={"description": "Gate training never stops as settled before this many steps."},
     )
-    ila_gate_lr: float = Field(default=0.05, json_schema_extra={"description": "Step size of the gate scores."})
-    ila_gate_budget: float | None = Field(
-        default=None,
+    ila_gate_train_lora: bool = Field(
+        default=False,
         json_schema_extra={
-            "description": "Mean gate value allowed (the open-gate budget H/n); lower is a stronger budget. Default: "
-            "ila_keep_fraction when it is set below 0.5 (the gates compete for as many open gates as the run "
-            "keeps), else 0.5."
+            "description": "The LoRA matrices keep learning (AdamW at the search's learning rate) while the gates "
+            "compete, instead of staying frozen (the paper's stage 2)."
         },
+    )
+    ila_gate_lr: float = Field(default=0.05, json_schema_extra={"description": "Step size of the gate scores."})
+    ila_gate_budget: float = Field(
+        default=0.5,
+        json_schema_extra={"description": "Mean gate value allowed (the open-gate budget H/n); lower is a stronger budget."},
     )
 
     @field_validator("ila_drop_fraction", "ila_keep_fraction", "ila_warmup_fraction", "ila_gate_budget", "ila_settle_agreement")

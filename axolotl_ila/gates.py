@@ -198,13 +198,28 @@ def run_gates(
     agreement: float,
     check_every: int = 4,
     min_steps: int = 16,
+    lora_lr: float | None = None,
 ) -> tuple[dict[str, float], dict[str, Any]]:
-    """Learn the gate scores until their order settles (or ``max_steps``)."""
+    """Learn the gate scores until their order settles (or ``max_steps``).
+
+    ``lora_lr``: the LoRA matrices keep learning beside the gates (AdamW at
+    this learning rate, fresh moments), so that a module whose gate closes
+    loses its share of the fit and the open ones must take it over: the gates
+    compete for what training only the open modules would buy, not only for
+    what each update gives now. None: LoRA frozen (the paper's stage 2)."""
     from tqdm.auto import tqdm
 
     model = trainer.model
     for param in model.parameters():
         param.requires_grad_(False)
+    lora_params: list[torch.Tensor] = []
+    if lora_lr is not None:
+        for layer in layers.values():
+            for module in (layer.lora_A, layer.lora_B):
+                for param in module.parameters():
+                    param.requires_grad_(True)
+                    lora_params.append(param)
+    lora_optimizer = torch.optim.AdamW(lora_params, lr=lora_lr, weight_decay=0.0) if lora_params else None
     gates = Gates(layers)
     update = GateStep(gates, budget=budget, lr=lr)
     settle = OrderSettle(agreement=agreement, min_steps=min(min_steps, max_steps))
@@ -222,6 +237,12 @@ def run_gates(
                 (loss / accumulation).backward()
                 total += float(loss.detach()) / accumulation
             update.step()
+            if lora_optimizer is not None:
+                for param in lora_params:
+                    if param.grad is not None:
+                        all_reduce_mean_(param.grad)
+                lora_optimizer.step()
+                lora_optimizer.zero_grad(set_to_none=True)
             losses.append(total)
             bar.set_postfix(loss=f"{total:.4f}", mean_gate=f"{gates.mean_gate():.3f}")
             done = step + 1
@@ -243,6 +264,7 @@ def run_gates(
         "budget": budget,
         "budget_mechanism": "mean gate <= budget by a common shift of all scores after each step",
         "init_score": 0.0,
+        "lora_learning_rate": lora_lr,  # None: LoRA frozen during the gates
         "gradient_accumulation_steps": accumulation,
         "loss_first": losses[0],
         "loss_last": losses[-1],

@@ -28,7 +28,7 @@ from axolotl_ila.gates import OrderSettle, curve, run_gates
 from axolotl_ila.handoff import WarmState
 from axolotl_ila.plan import ModelInfo
 from axolotl_ila.ranking import Ranking
-from axolotl_ila.search_config import SearchError, gate_budget, planned_steps, search_config, warmup_cap
+from axolotl_ila.search_config import SearchError, planned_steps, search_config, warmup_cap
 from axolotl_ila.warmup import FALLING_T_STAT, RankingProbe, loss_trend, lora_modules, update_norms, warmup_callback
 
 LOG = logging.getLogger("axolotl.ila")
@@ -158,9 +158,10 @@ def search_ranking(cfg: Any, dataset_meta: Any, info: ModelInfo, keep_warm_state
         layers,
         cfg.ila_gate_steps,
         cfg.ila_gate_lr,
-        gate_budget(cfg),
+        cfg.ila_gate_budget,
         agreement=cfg.ila_settle_agreement,
         min_steps=cfg.ila_gate_min_steps,
+        lora_lr=scfg.learning_rate if cfg.ila_gate_train_lora else None,
     )
     stage2["wall_s"] = round(time.perf_counter() - started, 3)
 

@@ -64,19 +64,6 @@ def planned_steps(cfg: Any, dataset_meta: Any) -> int:
     return int(total)
 
 
-DEFAULT_GATE_BUDGET = 0.5
-
-
-def gate_budget(cfg: Any) -> float:
-    """The gates' mean-gate budget: ``ila_gate_budget``, or by default the
-    keep fraction of a run that keeps less than half its modules (so the gates
-    compete for as many open gates as the run will keep), else 0.5."""
-    if cfg.ila_gate_budget is not None:
-        return float(cfg.ila_gate_budget)
-    keep = cfg.ila_keep_fraction
-    return float(keep) if keep is not None and keep < DEFAULT_GATE_BUDGET else DEFAULT_GATE_BUDGET
-
-
 def warmup_cap(cfg: Any, total_steps: int) -> int:
     if cfg.ila_warmup_max_steps:
         return min(int(cfg.ila_warmup_max_steps), total_steps)

@@ -65,15 +65,55 @@ def test_show_says_settled(tmp_path, capsys):
     assert "certainty settled" in out and "NOT SETTLED" not in out
 
 
-def test_gate_budget_follows_a_small_keep_fraction():
-    from types import SimpleNamespace
 
-    from axolotl_ila.search_config import gate_budget
+class _Trainer:
+    """What run_gates reads from a trainer: the model, a dataloader, compute_loss."""
 
-    def cfg(**kw):
-        return SimpleNamespace(**{"ila_gate_budget": None, "ila_keep_fraction": None, **kw})
+    def __init__(self, model, batches):
+        from contextlib import nullcontext
+        from types import SimpleNamespace
 
-    assert gate_budget(cfg()) == 0.5  # drop mode (the default): half the gates open
-    assert gate_budget(cfg(ila_keep_fraction=0.1)) == 0.1  # keep 10%: compete for 10% openness
-    assert gate_budget(cfg(ila_keep_fraction=0.7)) == 0.5
-    assert gate_budget(cfg(ila_keep_fraction=0.1, ila_gate_budget=0.3)) == 0.3  # an explicit budget wins
+        self.model = model
+        self.args = SimpleNamespace(gradient_accumulation_steps=1)
+        self._batches = batches
+        self.compute_loss_context_manager = nullcontext
+
+    def get_train_dataloader(self):
+        return self._batches
+
+    def compute_loss(self, model, batch):
+        return model(**batch).loss
+
+
+def _tiny_lora_trainer(tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from axolotl_ila.tiny import build_model
+    from axolotl_ila.warmup import lora_modules
+
+    base = build_model(tmp_path / "m", "llama", layers=1, hidden=16, vocab_size=64, initializer_range=0.2)
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", init_lora_weights=False))
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 64, (4, 8, 12))
+    trainer = _Trainer(model, [{"input_ids": t, "labels": t} for t in tokens])
+    return trainer, lora_modules(model)
+
+
+def test_gates_with_lora_learning_change_the_lora_weights_and_frozen_gates_do_not(tmp_path):
+    import torch
+
+    from axolotl_ila.gates import run_gates
+
+    for lora_lr in (None, 1e-2):
+        trainer, layers = _tiny_lora_trainer(tmp_path / str(lora_lr))
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+        scores, record = run_gates(trainer, layers, max_steps=6, lr=0.05, budget=0.3, agreement=0.99, min_steps=6, lora_lr=lora_lr)
+        after = dict(trainer.model.named_parameters())
+        changed = [n for n, p in before.items() if not torch.equal(p, after[n].detach())]
+        assert set(scores) == set(layers) and record["steps"] == 6 and record["lora_learning_rate"] == lora_lr
+        assert record["mean_gate"] <= 0.3 + 1e-6
+        if lora_lr is None:
+            assert changed == []  # the paper's stage 2: LoRA frozen
+        else:
+            assert len(changed) == len(before)  # every LoRA matrix learned beside the gates

@@ -64,9 +64,9 @@ NEVER_SETTLE = {"ila_settle_agreement": 0.99999}
 STRATEGIES: dict[str, Strategy] = {
     "ila": Strategy("default", "score", {}, "the ranking, every ila_ key at its default"),
     "update_norm": Strategy("default", "update_norm", {}, "the default search's warm-up update norms (ALLO-style)"),
-    # The gates' budget at the keep fraction k/n (ila_keep_fraction: k/n, the
-    # default budget then follows it).
-    "ila_keepk": Strategy("keepk", "score", {"ila_keep_fraction": "k/n"}, "every ila_ key at its default, ila_keep_fraction: k/n"),
+    # The gates compete for as much openness as keep-k keeps: ila_gate_budget k/n.
+    "ila_keepk": Strategy("keepk", "score", {"ila_gate_budget": "k/n"}, "ila_gate_budget: k/n"),
+    "ila_joint": Strategy("joint", "score", {"ila_gate_budget": "k/n", "ila_gate_train_lora": True}, "ila_gate_budget: k/n, and LoRA keeps learning during the gates (ila_gate_train_lora)"),
     "ila_paper25": Strategy("paper25", "score", NEVER_SETTLE, "warm-up to 25% of the run, 128 gate steps"),
     "ila_paper50": Strategy("paper50", "score", {**NEVER_SETTLE, "ila_warmup_fraction": 0.5}, "warm-up to 50% of the run, 128 gate steps"),
     "update_norm50": Strategy("paper50", "update_norm", {**NEVER_SETTLE, "ila_warmup_fraction": 0.5}, "update norms after a warm-up of 50%"),
