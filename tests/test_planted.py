@@ -10,33 +10,48 @@ the same way, must come within a margin of that loss: the keep-k regret. The
 planted modules are no answer key (another module can train better within the
 steps), so the tests do not ask for them by name.
 
-The tasks are tasks of the benchmark suite (``benchmarks/planted``): three
-families, a short run (150-250 planned steps) and a long one (400+). Their
-margins come from the suite's measured distribution (docs/planted.md).
+The tasks are tasks of the benchmark suite (``benchmarks/planted``, seeds 2, 3
+and 5): three families, short runs (150-250 planned steps) and a long one
+(400+). Each margin is the regret the suite measured for that task at today's
+default plus 0.03 (the target for the worst task), so a change of the search
+that makes any of them clearly worse fails here; two of the three are above
+the 0.03 target today (docs/planted.md).
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from axolotl_ila.planted import PlantedTask, build_task, load_json, measure_truth, random_task, search_config, train_lora, write_config
+from axolotl_ila.planted import PlantedTask, build_task, load_json, random_task, search_config, train_lora, write_config
 
-# Suite seed -> the largest keep-k regret accepted (see the module docstring).
+# Suite seed -> the largest keep-k regret accepted: measured + 0.03.
 CI_TASKS: dict[int, float] = {
-    2: MARGIN_LONG,  # llama, 2 blocks, 610 planned steps
-    3: MARGIN_SHORT,  # qwen2 (q/k/v biases, grouped-query attention), 3 blocks, 170 steps
-    5: MARGIN_SHORT,  # mistral (grouped-query attention), 4 blocks, 160 steps
+    2: 0.0 + 0.03,  # llama, 2 blocks, 610 planned steps
+    3: 0.0552 + 0.03,  # qwen2 (q/k/v biases, grouped-query attention), 3 blocks, 170 steps
+    5: 0.0273 + 0.03,  # mistral (grouped-query attention), 4 blocks, 160 steps
 }
 
 
 def run_search(config: Path) -> None:
     code = f"from axolotl_ila.plugin import search_config_file; search_config_file({str(config)!r})"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=config.parent, timeout=900)
+    # One thread, as the suite measured: the same sums in the same order.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=config.parent, timeout=900, env=env)
     assert result.returncode == 0, result.stderr[-6000:]
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def keep_k_regret(task: PlantedTask, root: Path) -> tuple[float, dict]:
@@ -51,7 +66,7 @@ def keep_k_regret(task: PlantedTask, root: Path) -> tuple[float, dict]:
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("seed", sorted(CI_TASKS))
-def test_the_search_top_k_trains_about_as_well_as_the_planted_set(seed, tmp_path):
+def test_the_search_top_k_trains_about_as_well_as_the_planted_set(seed, tmp_path, one_thread):
     task = random_task(seed)
     regret, ranking = keep_k_regret(task, tmp_path)
     assert regret <= CI_TASKS[seed], (task.name, regret, [m["name"] for m in ranking["modules"]][:6])
@@ -61,6 +76,7 @@ def test_the_search_top_k_trains_about_as_well_as_the_planted_set(seed, tmp_path
     assert 0 < stage2["steps"] <= stage2["max_steps"] and stage2["stop_reason"] in {"settled", "cap"}
     assert stage1["loss_last"] < stage1["loss_first"]
     assert set(search["certainty"]) == {"settled", "warmup", "gates"}
+    assert search["versions"]["axolotl"]
     if seed == min(CI_TASKS, key=lambda s: random_task(s).steps):
         # Same config and seed: the same ranking, score for score.
         again = tmp_path / "again"
@@ -69,3 +85,29 @@ def test_the_search_top_k_trains_about_as_well_as_the_planted_set(seed, tmp_path
         repeat = load_json(again / "ranking.json")
         assert [m["name"] for m in repeat["modules"]] == [m["name"] for m in ranking["modules"]]
         assert [m["score"] for m in repeat["modules"]] == pytest.approx([m["score"] for m in ranking["modules"]], abs=1e-6)
+
+
+def test_random_tasks_cover_the_families_and_run_lengths_and_are_reproducible():
+    tasks = [random_task(seed) for seed in range(40)]
+    assert {t.family for t in tasks} == {"llama", "qwen2", "mistral", "gpt_neox"}
+    assert all(150 <= t.steps <= 1000 and 2 <= t.k <= 4 and 2 <= t.layers <= 5 for t in tasks)
+    assert any(t.steps <= 250 for t in tasks) and any(t.steps >= 400 for t in tasks)
+    assert random_task(7) == random_task(7)
+    assert PlantedTask.from_dict(random_task(7).to_dict()) == random_task(7)
+
+
+def test_plant_changes_exactly_the_planted_weights_by_the_asked_size(tmp_path):
+    from axolotl_ila.planted import candidate_modules, plant
+    from axolotl_ila.tiny import build_model
+
+    task = random_task(1)  # qwen2: q/k/v biases stay as they are
+    base = build_model(tmp_path / "m", task.family, layers=task.layers, hidden=task.hidden, vocab_size=64, initializer_range=task.init_range)
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    plant(base, task)
+    changed = {n for n, p in base.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {f"{name}.weight" for name in task.planted}
+    for name in task.planted:
+        delta = base.get_submodule(name).weight - before[f"{name}.weight"]
+        assert float(delta.norm() / before[f"{name}.weight"].norm()) == pytest.approx(task.delta_scale, rel=1e-4)
+        assert int(torch.linalg.matrix_rank(delta)) == task.delta_rank
+    assert set(task.planted) <= set(candidate_modules(task.family, task.layers))

@@ -1,106 +1,14 @@
-"""The gate search on tasks whose answer is known, and its stopping rules.
-
-Known answer: a teacher equals the tiny base model plus large rank-4 deltas in
-a few chosen modules; the training data are sequences sampled from the teacher.
-LoRA on the base can only match the teacher by moving those modules, so a
-search on the base must rank exactly them first, whatever kind they are
-(attention value or output projections, MLP projections), at default settings.
-"""
+"""The gate search's pieces: the budget, the rank agreement measures and the
+stopping rules. What a whole search buys on tasks with a measured answer is
+tested in test_planted.py."""
 
 from __future__ import annotations
-
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from axolotl_ila.analysis import top_jaccard
 from axolotl_ila.gates import OrderSettle, budget_shift, spearman
-from axolotl_ila.ranking import load_ranking
-from axolotl_ila.tiny import build_workspace, write_jsonl
-from conftest import make_config, read_json, write_config
-
-PLANTED = {
-    # The issue's case: an attention value projection beside two MLP modules.
-    "value_and_mlp": ["model.layers.1.self_attn.v_proj", "model.layers.0.mlp.down_proj", "model.layers.3.mlp.up_proj"],
-    # Attention output and query projections, and an MLP gate.
-    "attention_and_gate": ["model.layers.2.self_attn.o_proj", "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.gate_proj"],
-}
-
-
-def build_teacher_task(root: Path, chosen: list[str], rank: int = 4) -> dict[str, Path]:
-    from transformers import AutoModelForCausalLM
-
-    # A wider init makes the random base confident, so its samples carry structure.
-    workspace = build_workspace(root, "llama", initializer_range=0.15)
-    teacher = AutoModelForCausalLM.from_pretrained(str(workspace["model"]))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name in chosen:
-            weight = teacher.get_submodule(name).weight
-            # A rank-`rank` delta as large as the weight itself.
-            delta = torch.randn(weight.shape[0], rank, generator=generator) @ torch.randn(rank, weight.shape[1], generator=generator)
-            weight += delta * (weight.norm() / delta.norm())
-        torch.manual_seed(0)
-        start = torch.full((512, 1), teacher.config.bos_token_id)
-        samples = teacher.generate(
-            start, do_sample=True, temperature=0.7, max_new_tokens=60, min_new_tokens=60, top_k=0, pad_token_id=3
-        )
-    # Pre-tokenized rows: axolotl uses them as they are (no lossy text round trip).
-    rows = [{"input_ids": s.tolist(), "attention_mask": [1] * len(s), "labels": s.tolist()} for s in samples]
-    data = write_jsonl(root / "teacher.jsonl", rows)
-    return {"model": workspace["model"], "data": data}
-
-
-def search_config(task: dict[str, Path], out: Path, ranking: Path, **overrides) -> Path:
-    """LoRA r=8, learning rate 3e-3, batch 32, 400 planned steps; every ila_
-    key at its default."""
-    cfg = make_config(
-        task,
-        out,
-        max_steps=400,
-        learning_rate=0.003,
-        micro_batch_size=32,
-        lora_r=8,
-        lora_alpha=16,
-        datasets=[{"path": str(task["data"]), "ds_type": "json", "type": "completion"}],
-        ila_ranking=str(ranking),
-        **overrides,
-    )
-    return write_config(cfg, out / f"{ranking.stem}.yml")
-
-
-def run_search(config: Path) -> None:
-    code = f"from axolotl_ila.plugin import search_config_file; search_config_file({str(config)!r})"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=config.parent, timeout=900)
-    assert result.returncode == 0, result.stderr[-6000:]
-
-
-@pytest.mark.e2e
-@pytest.mark.parametrize("task", sorted(PLANTED))
-def test_search_ranks_the_planted_modules_first(task, tmp_path):
-    chosen = PLANTED[task]
-    teacher = build_teacher_task(tmp_path / "teacher", chosen)
-    ranking_path = tmp_path / "a.json"
-    run_search(search_config(teacher, tmp_path, ranking_path))
-    ranking = load_ranking(ranking_path)
-    assert set(ranking.names[: len(chosen)]) == set(chosen), ranking.names[:6]
-    search = read_json(ranking_path)["search"]
-    stage1, stage2 = search["stage1"], search["stage2"]
-    assert stage1["max_steps"] == 100  # a quarter of the planned 400 steps
-    assert stage1["stop_reason"] in {"settled", "cap"} and 0 < stage1["steps"] <= 100
-    assert stage2["stop_reason"] in {"settled", "cap"} and 0 < stage2["steps"] <= 128
-    assert stage1["loss_last"] < stage1["loss_first"]
-    assert search["versions"]["axolotl"]
-    if task == "value_and_mlp":
-        # Same config and seed: the same ranking, score for score.
-        again_path = tmp_path / "b.json"
-        run_search(search_config(teacher, tmp_path, again_path))
-        again = load_ranking(again_path)
-        assert again.names == ranking.names
-        assert [m.score for m in again.modules] == pytest.approx([m.score for m in ranking.modules], abs=1e-6)
 
 
 def test_budget_shift_holds_mean_gate_and_order():

@@ -67,6 +67,7 @@ STRATEGIES: dict[str, Strategy] = {
     # The gates compete for as much openness as keep-k keeps: ila_gate_budget k/n.
     "ila_keepk": Strategy("keepk", "score", {"ila_gate_budget": "k/n"}, "ila_gate_budget: k/n"),
     "ila_joint": Strategy("joint", "score", {"ila_gate_budget": "k/n", "ila_gate_train_lora": True}, "ila_gate_budget: k/n, and LoRA keeps learning during the gates (ila_gate_train_lora)"),
+    "ila_cap50": Strategy("cap50", "score", {"ila_warmup_fraction": 0.5}, "the warm-up may go on to 50% of the run while its order moves"),
     "ila_paper25": Strategy("paper25", "score", NEVER_SETTLE, "warm-up to 25% of the run, 128 gate steps"),
     "ila_paper50": Strategy("paper50", "score", {**NEVER_SETTLE, "ila_warmup_fraction": 0.5}, "warm-up to 50% of the run, 128 gate steps"),
     "update_norm50": Strategy("paper50", "update_norm", {**NEVER_SETTLE, "ila_warmup_fraction": 0.5}, "update norms after a warm-up of 50%"),
