@@ -17,7 +17,7 @@ from typing import Any
 
 # The key that lengthens each stage, and what to do with it.
 _LONGER = {
-    "stage1": "raise ila_warmup_fraction (the paper allows up to 0.5 of the run) or set ila_warmup_max_steps",
+    "stage1": "raise ila_warmup_fraction (the cap as a fraction of the planned steps) or set ila_warmup_max_steps",
     "stage2": "raise ila_gate_steps",
 }
 _NAMES = {"stage1": "warm-up", "stage2": "gates"}
@@ -73,6 +73,9 @@ def certainty_warnings(search: dict[str, Any]) -> list[str]:
                 f"top-75% Jaccard {info['last_top75_jaccard']:.2f} (settled needs {info['agreement']:g})"
             )
         why = "ran to its cap" if info["stop_reason"] == "cap" else f"stopped ({info['stop_reason']})"
+        planned = stage.get("planned_training_steps")
+        if key == "stage1" and planned:
+            why += f" ({info['max_steps']} of the {planned} planned steps)"
         out.append(
             f"this ranking's {_NAMES[key]} had not settled: it {why} after {info['steps']}/{info['max_steps']} steps "
             f"with the order still moving ({moving}). Modules whose update was still growing may be ranked too low; "

@@ -24,13 +24,13 @@ def test_a_stage_is_settled_by_its_last_comparison_not_by_why_it_stopped():
 
 
 def test_certainty_summary_and_warnings_name_the_stage_and_the_key():
-    search = {"stage1": stage("cap", 0.88, 0.74, 50, 50), "stage2": stage("settled", 0.99, 1.0, 16, 128)}
+    search = {"stage1": {**stage("cap", 0.88, 0.74, 50, 50), "planned_training_steps": 200}, "stage2": stage("settled", 0.99, 1.0, 16, 128)}
     summary = certainty(search)
     assert summary["settled"] is False
     assert summary["warmup"]["settled"] is False and summary["gates"]["settled"] is True
     assert summary["warmup"]["last_top75_jaccard"] == 0.74 and summary["warmup"]["compared_steps"] == [25, 50]
     (warning,) = certainty_warnings(search)
-    assert "warm-up had not settled" in warning and "ran to its cap after 50/50 steps" in warning
+    assert "warm-up had not settled" in warning and "ran to its cap (50 of the 200 planned steps) after 50/50 steps" in warning
     assert "Jaccard 0.74" in warning and "ila_warmup_fraction" in warning
 
     gates = {"stage1": stage("settled", 0.95, 0.95), "stage2": stage("cap", 0.5, 0.6, 128, 128)}

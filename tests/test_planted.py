@@ -12,10 +12,11 @@ steps), so the tests do not ask for them by name.
 
 The tasks are tasks of the benchmark suite (``benchmarks/planted``, seeds 2, 3
 and 5): three families, short runs (150-250 planned steps) and a long one
-(400+). Each margin is the regret the suite measured for that task at today's
-default plus 0.03 (the target for the worst task), so a change of the search
-that makes any of them clearly worse fails here; two of the three are above
-the 0.03 target today (docs/planted.md).
+(400+). Each margin is the regret the suite measured for that task at the
+default (0.000, 0.000 and 0.027) plus 0.03, the target for the worst task, so
+a change of the search that makes any of them clearly worse fails here. With
+the warm-up capped at a quarter of the run (the earlier default) the same
+tasks measured 0.000, 0.055 and 0.027 (docs/planted.md).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from axolotl_ila.planted import PlantedTask, build_task, load_json, random_task,
 # Suite seed -> the largest keep-k regret accepted: measured + 0.03.
 CI_TASKS: dict[int, float] = {
     2: 0.0 + 0.03,  # llama, 2 blocks, 610 planned steps
-    3: 0.0552 + 0.03,  # qwen2 (q/k/v biases, grouped-query attention), 3 blocks, 170 steps
+    3: 0.0 + 0.03,  # qwen2 (q/k/v biases, grouped-query attention), 3 blocks, 170 steps
     5: 0.0273 + 0.03,  # mistral (grouped-query attention), 4 blocks, 160 steps
 }
 
