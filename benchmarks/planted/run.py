@@ -61,15 +61,23 @@ class Strategy:
 # for all 128 steps (the paper's fixed-length recipe).
 NEVER_SETTLE = {"ila_settle_agreement": 0.99999}
 
+CAP25 = {"ila_warmup_fraction": 0.25}  # the warm-up's cap before it became 0.5
+
 STRATEGIES: dict[str, Strategy] = {
-    "ila": Strategy("default", "score", {}, "the ranking, every ila_ key at its default"),
+    "ila": Strategy("default", "score", {}, "every ila_ key at its default (warm-up cap 0.5 of the run)"),
     "update_norm": Strategy("default", "update_norm", {}, "the default search's warm-up update norms (ALLO-style)"),
+    "ila_cap25": Strategy("cap25", "score", CAP25, "ila_warmup_fraction: 0.25 (the default before)"),
+    "update_norm_cap25": Strategy("cap25", "update_norm", CAP25, "update norms after a warm-up capped at 0.25"),
     # The gates compete for as much openness as keep-k keeps: ila_gate_budget k/n.
-    "ila_keepk": Strategy("keepk", "score", {"ila_gate_budget": "k/n"}, "ila_gate_budget: k/n"),
-    "ila_joint": Strategy("joint", "score", {"ila_gate_budget": "k/n", "ila_gate_train_lora": True}, "ila_gate_budget: k/n, and LoRA keeps learning during the gates (ila_gate_train_lora)"),
-    "ila_cap50": Strategy("cap50", "score", {"ila_warmup_fraction": 0.5}, "the warm-up may go on to 50% of the run while its order moves"),
-    "ila_paper25": Strategy("paper25", "score", NEVER_SETTLE, "warm-up to 25% of the run, 128 gate steps"),
-    "ila_paper50": Strategy("paper50", "score", {**NEVER_SETTLE, "ila_warmup_fraction": 0.5}, "warm-up to 50% of the run, 128 gate steps"),
+    "ila_keepk_cap25": Strategy("keepk_cap25", "score", {**CAP25, "ila_gate_budget": "k/n"}, "ila_cap25 with ila_gate_budget: k/n"),
+    "ila_joint_cap25": Strategy(
+        "joint_cap25",
+        "score",
+        {**CAP25, "ila_gate_budget": "k/n", "ila_gate_train_lora": True},
+        "ila_keepk_cap25, and LoRA keeps learning during the gates (ila_gate_train_lora)",
+    ),
+    "ila_paper25": Strategy("paper25", "score", {**NEVER_SETTLE, **CAP25}, "warm-up always 25% of the run, 128 gate steps"),
+    "ila_paper50": Strategy("paper50", "score", {**NEVER_SETTLE, "ila_warmup_fraction": 0.5}, "warm-up always 50% of the run, 128 gate steps"),
     "update_norm50": Strategy("paper50", "update_norm", {**NEVER_SETTLE, "ila_warmup_fraction": 0.5}, "update norms after a warm-up of 50%"),
     "base_grad": Strategy("base_grad", "score", {}, "no search: rank-r energy of the full-weight gradient at the base (4 batches)"),
 }
