@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from axolotl_ila.preference import unsupported_message
 from axolotl_ila.selection import RANKED_STRATEGIES, STRATEGIES
 
 SUPPORTED_ADAPTERS = (None, "lora", "qlora")
@@ -184,6 +185,10 @@ def check_combination(data: dict[str, Any]) -> None:
             "set either ila_drop_fraction (drop the least important) or ila_keep_fraction "
             "(keep only the most important), not both"
         )
+    rl = data.get("rl")
+    refusal = unsupported_message(str(getattr(rl, "value", rl))) if rl else None
+    if refusal:
+        raise ValueError(refusal)
     adapter = data.get("adapter") or None
     if adapter not in SUPPORTED_ADAPTERS:
         raise ValueError(
