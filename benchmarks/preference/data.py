@@ -8,7 +8,7 @@ Four multiple-choice sets give real pairs: the question, its correct answer
 - ``openbookqa``: elementary science, four answers;
 - ``piqa``: a goal and two solutions that often differ in a few words.
 
-Each source contributes equally to the training and the held-out pairs, which
+Pairs longer than ``MAX_CHARS`` are left out. Each source contributes equally to the training and the held-out pairs, which
 never share a question. The same training questions with their correct answers
 are the SFT data (one chat per row), so that a search with the SFT loss and one
 with the DPO loss see the same prompts.
@@ -31,6 +31,10 @@ from axolotl_ila.tiny import write_jsonl  # temp file, then rename
 
 Row = dict[str, Any]
 Pair = dict[str, str]
+
+# Pairs whose question plus longer answer exceed this many characters (about
+# 100 tokens) are left out, so that every pair fits the runs' sequence_len.
+MAX_CHARS = 400
 
 
 def olmo_datasets_root() -> Path:
@@ -85,7 +89,8 @@ def source_pairs(name: str, seed: int) -> list[Pair]:
     pairs = []
     for doc in load_from_disk(str(olmo_datasets_root() / folder)):
         pair = convert(doc, rng)
-        if pair["chosen"].strip() and pair["rejected"].strip() and pair["chosen"].strip() != pair["rejected"].strip():
+        longest = len(pair["prompt"]) + max(len(pair["chosen"]), len(pair["rejected"]))
+        if pair["chosen"].strip() and pair["rejected"].strip() and pair["chosen"].strip() != pair["rejected"].strip() and longest <= MAX_CHARS:
             pairs.append({**pair, "source": name})
     rng.shuffle(pairs)
     return pairs

