@@ -229,3 +229,14 @@ def test_online_methods_are_refused_with_what_to_do(rl):
 
 def test_grpo_is_refused_at_config_load(refused):
     refused("rl: grpo generates completions while it trains", rl="grpo")
+
+
+def test_show_prints_the_loss_a_ranking_was_searched_with(tmp_path, capsys):
+    from axolotl_ila.cli import main
+
+    model = {"fingerprint": "sha256:" + "d" * 64, "base_model": "tiny"}
+    search = {"method": "ila", "loss": {"method": "dpo", "beta": 0.1, "loss_type": ["sigmoid"]}}
+    path = tmp_path / "r.json"
+    save_ranking(Ranking.from_scores({"a": 2.0, "b": 1.0, "c": 0.0, "d": -1.0}, model=model, search=search), path)
+    assert main(["show", str(path)]) == 0
+    assert "loss      dpo (beta 0.1, loss_type ['sigmoid'])" in capsys.readouterr().out
