@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-pairs-per-source", type=int, default=50)
     parser.add_argument("--warmup-steps", type=int, default=16)
     parser.add_argument("--gate-steps", type=int, default=12)
-    parser.add_argument("--train-steps", type=int, default=48)
+    parser.add_argument("--train-steps", type=int, default=24)
     parser.add_argument("--results", type=Path, default=HERE / "results", help="where finished results are kept (a rerun skips them)")
     parser.add_argument("--report", action="store_true", help="only print the tables from results/")
     args = parser.parse_args(argv)
