@@ -7,12 +7,11 @@ check here runs at config load, before any dataset or weight is touched.
 from __future__ import annotations
 
 import difflib
-import json
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from axolotl_ila.engines import continuation_refusal, engine_refusal
 from axolotl_ila.selection import RANKED_STRATEGIES, STRATEGIES
 
 SUPPORTED_ADAPTERS = (None, "lora", "qlora")
@@ -94,7 +93,8 @@ class ILAArgs(BaseModel):
         json_schema_extra={
             "description": "true: the training continues from the search's warm-up (one run); false: it starts "
             "from fresh adapters after the search (the paper's two runs). Default: true for LoRA/QLoRA "
-            "without FSDP/DeepSpeed, false otherwise."
+            "on one process, DDP and FSDP2 (with its default state_dict_type: SHARDED_STATE_DICT), false "
+            "otherwise (full fine-tuning, lora_target_parameters, FSDP2 with FULL_STATE_DICT)."
         },
     )
     ila_search_learning_rate: float | None = Field(
@@ -198,6 +198,9 @@ def check_combination(data: dict[str, Any]) -> None:
         )
     if data.get("ila_search") == "never" and not data.get("ila_ranking"):
         raise ValueError("ila_search: never needs ila_ranking to point at an existing ranking file")
+    refusal = engine_refusal(data)
+    if refusal:
+        raise ValueError(refusal)
     check_continuation(data, adapter)
     spectrum = [p for p in data.get("plugins") or [] if _is_spectrum(p)]
     if spectrum:
@@ -210,16 +213,6 @@ def check_combination(data: dict[str, Any]) -> None:
             "unfrozen_parameters and axolotl_ila.ILAPlugin both decide what full fine-tuning "
             "trains; remove one of them"
         )
-    if adapter is None and _fsdp_without_orig_params(data.get("fsdp_config")):
-        raise ValueError(
-            "full fine-tuning with ILA freezes some linear weights, which FSDP only allows "
-            "with fsdp_config.use_orig_params: true"
-        )
-    if adapter is None and _deepspeed_stage(data.get("deepspeed")) == 3:
-        raise ValueError(
-            "full fine-tuning with ILA freezes some linear weights, which DeepSpeed ZeRO-3 "
-            "does not handle reliably; use ZeRO-2, FSDP (use_orig_params: true) or LoRA"
-        )
 
 
 REPLACED_KEYS = {
@@ -231,7 +224,7 @@ REPLACED_KEYS = {
 def check_continuation(data: dict[str, Any], adapter: str | None) -> None:
     """Continuing from the warm-up needs the warm-up's LoRA to be the training's."""
     wanted = data.get("ila_continue")
-    sharded = bool(data.get("fsdp_config") or data.get("fsdp") or data.get("deepspeed"))
+    engine_reason = continuation_refusal(data)
     if wanted and adapter is None:
         raise ValueError(
             "ila_continue: true needs adapter: lora or qlora; full fine-tuning cannot continue from the "
@@ -242,12 +235,12 @@ def check_continuation(data: dict[str, Any], adapter: str | None) -> None:
             "ila_continue: true is not supported with lora_target_parameters (LoRA on expert parameters) "
             "yet; set ila_continue: false, or remove it (the default then trains afresh after the search)."
         )
-    if wanted and sharded:
+    if wanted and engine_reason:
         raise ValueError(
-            "ila_continue: true is not supported with FSDP or DeepSpeed (their optimizer state is sharded); "
-            "set ila_continue: false, or remove it (the default then trains afresh after the search)."
+            f"ila_continue: true cannot work here: {engine_reason}; or set ila_continue: false, or remove it "
+            f"(the default then trains afresh after the search)."
         )
-    if wanted is False or adapter is None or sharded or data.get("lora_target_parameters"):
+    if wanted is False or adapter is None or engine_reason or data.get("lora_target_parameters"):
         return
     for key, twin in (("ila_search_learning_rate", "learning_rate"), ("ila_search_lora_r", "lora_r")):
         if data.get(key) is not None and data.get(key) != data.get(twin):
@@ -264,26 +257,3 @@ def _is_spectrum(plugin: Any) -> bool:
     Refused with LoRA too: there its patterns match no PEFT name and nothing trains.
     """
     return isinstance(plugin, str) and plugin.rsplit(".", 1)[-1] == "SpectrumPlugin"
-
-
-def _fsdp_without_orig_params(fsdp: Any) -> bool:
-    """axolotl accepts both ``use_orig_params`` and the older ``fsdp_use_orig_params``."""
-    if not isinstance(fsdp, dict):
-        return False
-    return fsdp.get("use_orig_params", fsdp.get("fsdp_use_orig_params")) is False
-
-
-def _deepspeed_stage(deepspeed: Any) -> int | None:
-    """ZeRO stage of a DeepSpeed config given as a dict or a JSON file path."""
-    if isinstance(deepspeed, (str, Path)):
-        path = Path(deepspeed)
-        if not path.is_file():
-            return 3 if "zero3" in path.name else None  # axolotl's bundled names, e.g. deepspeed_configs/zero3.json
-        try:
-            deepspeed = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None  # axolotl reports an unreadable DeepSpeed file itself
-    if isinstance(deepspeed, dict):
-        stage = (deepspeed.get("zero_optimization") or {}).get("stage")
-        return int(stage) if isinstance(stage, (int, str)) and str(stage).isdigit() else None
-    return None

@@ -279,22 +279,21 @@ def hand_over(cfg: Any, plan: Plan, warm: Any) -> Path:
     checkpoint (main process), with the selection record beside it, so that a
     run killed from here on resumes with this selection; every rank then
     resumes from it."""
-    from axolotl_ila.handoff import checkpoint_dir, write_checkpoint
+    from axolotl_ila.handoff import checkpoint_dir, write_checkpoint, write_sharded_checkpoint
 
     output_dir = cfg.output_dir or "./model-out"
     selection = plan.selection
+    args = (warm, list(selection.kept), list(selection.dropped), output_dir)
+    exclude = exclude_value(user_excludes(cfg), selection.dropped)
 
     def write() -> None:
         write_record(plan, output_dir)
-        write_checkpoint(
-            warm,
-            list(selection.kept),
-            list(selection.dropped),
-            output_dir,
-            exclude=exclude_value(user_excludes(cfg), selection.dropped),
-        )
+        if warm.sharded is None:
+            write_checkpoint(*args, exclude=exclude)
 
     on_main(write)
+    if warm.sharded is not None:  # FSDP2: every rank writes its shards
+        write_sharded_checkpoint(*args, exclude=exclude)
     checkpoint = checkpoint_dir(output_dir, warm.step)
     LOG.info(
         "ILA: the training continues from the warm-up's step %d (%s), with adapters on the %d kept modules only",

@@ -14,6 +14,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from axolotl_ila.engines import continuation_refusal
+
 IN_SEARCH_KEY = "ila_in_search"
 FULL_FT_SEARCH_LR = 2e-4
 FULL_FT_SEARCH_RANK = 16
@@ -47,13 +49,12 @@ def continues_training(cfg: Any) -> bool:
     """Does the training run continue from the warm-up (one run), or start
     afresh after the search (the paper's two runs)? Continuing needs the
     warm-up's LoRA to be the training's LoRA, so full fine-tuning never does;
-    nor, by default, a run whose optimizer state FSDP or DeepSpeed shard, or
-    one with LoRA on expert parameters (``lora_target_parameters``), whose
-    handover is not built yet; an explicit ``ila_continue: true`` there is
-    refused at config load."""
+    nor, by default, a run with LoRA on expert parameters
+    (``lora_target_parameters``), whose handover is not built yet, or an
+    engine that cannot resume from the warm-up (``engines.continuation_refusal``);
+    an explicit ``ila_continue: true`` there is refused at config load."""
     if cfg.ila_continue is None:
-        sharded = bool(cfg.fsdp_config or cfg.fsdp or cfg.deepspeed)
-        return bool(cfg.adapter) and not sharded and not cfg.lora_target_parameters
+        return bool(cfg.adapter) and not continuation_refusal(cfg) and not cfg.lora_target_parameters
     return bool(cfg.ila_continue)
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from axolotl_ila.ranking import file_digest, load_ranking
 from conftest import adapter_modules, load_tensors, make_config, read_json, run_train, write_config
@@ -88,14 +89,14 @@ def launch(config: Path, launcher: str = "torchrun", monitor_s: int = 2, **env_e
     return Launch(process.returncode, logs, found)
 
 
-def check(run: Launch) -> Launch:
+def check(run: Launch, wrapped: str = "DistributedDataParallel") -> Launch:
     if run.returncode != 0:
         raise AssertionError(f"the two-rank run failed ({run.returncode}):\n{run.logs[-8000:]}")
     assert sorted(run.reports) == [0, 1], run.logs[-4000:]
     for report in run.reports.values():
         # Really one data-parallel run, not two processes training alone.
         assert report["parallel_mode"] == "ParallelMode.DISTRIBUTED" and report["world_size"] == WORLD_SIZE
-        assert report["wrapped"] == "DistributedDataParallel"
+        assert report["wrapped"] == wrapped
     return run
 
 
@@ -254,3 +255,133 @@ def test_a_failed_write_on_the_main_process_stops_every_rank(tiny_llama, tmp_pat
     assert [run.reports[r]["save_ranking_calls"] for r in (0, 1)] == [2, 0]
     assert not ranking.exists() and not fallback.exists()
     assert not (tmp_path / "run" / "ila_selection.json").exists()
+
+
+# -- FSDP2: the same runs, sharded ----------------------------------------------------
+
+# FSDP2 as users configure it; SHARDED_STATE_DICT is what lets the training resume
+# (and continue from the warm-up) on every rank (engines.continuation_refusal).
+FSDP2 = {
+    "fsdp_version": 2,
+    "fsdp_config": {
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "transformer_layer_cls_to_wrap": "LlamaDecoderLayer",
+        "reshard_after_forward": True,
+        "state_dict_type": "SHARDED_STATE_DICT",
+    },
+}
+
+
+def check_sharded(run: Launch, wrapped: str = "FSDPPeftModelForCausalLM") -> Launch:
+    """FSDP2 wrapped the model, and every trainable weight is a DTensor (a shard per rank)."""
+    check(run, wrapped=wrapped)
+    for report in run.reports.values():
+        assert report["trainable"] and report["sharded_trainable"] == report["trainable"]
+    return run
+
+
+def kept_and_dropped(ranking_path: Path) -> tuple[set[str], list[str]]:
+    names = load_ranking(ranking_path).names
+    return set(names[:21]), names[21:]  # drop 25% of 28
+
+
+@pytest.fixture(scope="module")
+def fsdp2_lora(two_ranks, tmp_path_factory) -> dict:
+    """``two_ranks`` again under FSDP2 (same config, data order and steps): it
+    searches, continues from the warm-up, is killed after checkpoint 8, and
+    resumes to step 10."""
+    out = tmp_path_factory.mktemp("fsdp2-lora")
+    ranking = out / "rankings" / "tiny-llama.json"
+    cfg = {**two_ranks["cfg"], **FSDP2, "ila_ranking": str(ranking), "output_dir": str(out / "run"),
+           "save_strategy": "steps", "save_steps": 8, "auto_resume_from_checkpoints": True}
+    config = write_config(cfg, out / "config.yml")
+    killed = launch(config, ILA_TEST_KILL_AFTER_SAVE="8")
+    assert killed.returncode != 0 and not killed.reports, killed.logs[-4000:]
+    resumed = check_sharded(launch(config))
+    return {"out": out, "ranking": ranking, "killed": killed, "resumed": resumed, "cfg": cfg}
+
+
+def test_fsdp2_search_ranks_as_ddp_does_and_one_process_writes(fsdp2_lora, two_ranks):
+    """Gates on sharded LoRA weights, rank-averaged: the scores of the DDP search
+    of the same global batches, up to float summation order."""
+    logs = fsdp2_lora["killed"].logs
+    assert len(log_lines(logs, "ILA search: warm-up")) == WORLD_SIZE
+    wrote = log_lines(logs, "ILA: wrote ranking")
+    assert len(wrote) == 1 and "[RANK:" not in wrote[0], wrote
+    fsdp, ddp = load_ranking(fsdp2_lora["ranking"]), load_ranking(two_ranks["ranking"])
+    assert fsdp.search["world_size"] == WORLD_SIZE
+    assert fsdp.names == ddp.names
+    ddp_scores = {m.name: (m.score, m.update_norm) for m in ddp.modules}
+    for module in fsdp.modules:
+        score, norm = ddp_scores[module.name]
+        assert module.score == pytest.approx(score, abs=1e-4), module.name
+        assert module.update_norm == pytest.approx(norm, rel=1e-4), module.name
+
+
+def test_fsdp2_training_continues_from_the_sharded_warmup_and_resumes(fsdp2_lora, two_ranks):
+    out, killed, resumed = fsdp2_lora["out"], fsdp2_lora["killed"], fsdp2_lora["resumed"]
+    kept, _ = kept_and_dropped(fsdp2_lora["ranking"])
+    warmup = load_ranking(fsdp2_lora["ranking"]).search["stage1"]["steps"]
+    assert len(log_lines(killed.logs, f"the training continues from the warm-up's step {warmup} ")) == WORLD_SIZE
+    # The handover is a checkpoint in the engine's own sharded layout, kept modules only.
+    handoff = out / "run" / f"checkpoint-{warmup}"
+    assert (handoff / "pytorch_model_fsdp_0" / ".metadata").is_file()
+    assert (handoff / "optimizer_0" / ".metadata").is_file()
+    assert adapter_modules(handoff) == kept
+    assert set(read_json(handoff / "ila_handoff.json")["kept"]) == kept
+    # Resumed after the kill from checkpoint 8 (not the warm-up's), with the recorded selection.
+    assert len(log_lines(resumed.logs, "ILA: resuming with the selection recorded in")) == WORLD_SIZE
+    assert not log_lines(resumed.logs, "ILA search: warm-up")
+    for rank in (0, 1):
+        assert set(resumed.reports[rank]["adapted"]) == kept
+        assert resumed.reports[rank]["global_step"] == fsdp2_lora["cfg"]["max_steps"]
+    assert adapter_modules(out / "run") == kept
+    # Warm-up, handover (weights and AdamW moments), kill and resume on shards end
+    # where the uninterrupted DDP run of the same batches ended.
+    sharded = load_tensors(out / "run" / "adapter_model.safetensors")
+    ddp = load_tensors(two_ranks["out"] / "run" / "adapter_model.safetensors")
+    assert sharded.keys() == ddp.keys()
+    for key, tensor in ddp.items():
+        assert torch.allclose(sharded[key], tensor, rtol=1e-3, atol=1e-5), key
+
+
+def test_fsdp2_qlora_searches_and_continues_from_the_warmup(tiny_llama, tmp_path):
+    ranking = tmp_path / "ranking.json"
+    cfg = make_config(tiny_llama, tmp_path, adapter="qlora", ila_ranking=str(ranking), **FSDP2,
+                      **MULTIPROC_SETTINGS)
+    run = check_sharded(launch(write_config(cfg, tmp_path / "config.yml")))
+    kept, _ = kept_and_dropped(ranking)
+    warmup = load_ranking(ranking).search["stage1"]["steps"]
+    assert len(log_lines(run.logs, f"the training continues from the warm-up's step {warmup} ")) == WORLD_SIZE
+    assert run.reports[0]["save_ranking_calls"] == 1 and run.reports[1]["save_ranking_calls"] == 0
+    for rank in (0, 1):
+        report = run.reports[rank]
+        assert report["four_bit_linears"] == 28  # the base stays 4-bit, dropped modules included
+        assert set(report["adapted"]) == kept
+        assert report["global_step"] == cfg["max_steps"]
+    assert (tmp_path / "run" / f"checkpoint-{warmup}" / "optimizer_0" / ".metadata").is_file()
+    assert adapter_modules(tmp_path / "run") == kept
+
+
+def test_fsdp2_full_finetuning_searches_then_freezes_exactly_the_dropped_weights(tiny_llama, tmp_path):
+    """Per-parameter sharding lets frozen and trainable weights share a block.
+    FULL_STATE_DICT: the final model is saved whole (model.safetensors)."""
+    workspace = tiny_llama
+    ranking = tmp_path / "ranking.json"
+    fsdp = {**FSDP2, "fsdp_config": {**FSDP2["fsdp_config"], "state_dict_type": "FULL_STATE_DICT"}}
+    cfg = make_config(workspace, tmp_path, adapter=None, ila_ranking=str(ranking), learning_rate=0.01, **fsdp,
+                      **{**MULTIPROC_SETTINGS, "max_steps": 3})
+    run = check_sharded(launch(write_config(cfg, tmp_path / "config.yml")), wrapped="FSDPLlamaForCausalLM")
+    assert not log_lines(run.logs, "the training continues from the warm-up")  # full fine-tuning trains afresh
+    kept, dropped = kept_and_dropped(ranking)
+    for rank in (0, 1):
+        trainable = set(run.reports[rank]["trainable"])
+        assert not any(f"{name}.weight" in trainable for name in dropped)
+        assert all(f"{name}.weight" in trainable for name in kept)
+    base = load_tensors(workspace["model"] / "model.safetensors")
+    tuned = load_tensors(tmp_path / "run" / "model.safetensors")
+    for name in dropped:
+        assert (tuned[f"{name}.weight"] == base[f"{name}.weight"]).all(), f"{name} changed but was dropped"
+    for name in kept:
+        assert not (tuned[f"{name}.weight"] == base[f"{name}.weight"]).all(), f"{name} did not train"
+    assert not (tuned["model.embed_tokens.weight"] == base["model.embed_tokens.weight"]).all()
