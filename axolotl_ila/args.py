@@ -93,8 +93,8 @@ class ILAArgs(BaseModel):
         json_schema_extra={
             "description": "true: the training continues from the search's warm-up (one run); false: it starts "
             "from fresh adapters after the search (the paper's two runs). Default: true for LoRA/QLoRA "
-            "on one process, DDP and FSDP2 (with its default state_dict_type: SHARDED_STATE_DICT), false "
-            "otherwise (full fine-tuning, lora_target_parameters, FSDP2 with FULL_STATE_DICT)."
+            "on one process, DDP and FSDP2 with fsdp_config.state_dict_type: SHARDED_STATE_DICT, false "
+            "otherwise (full fine-tuning, lora_target_parameters, FSDP2 with FULL_STATE_DICT, its default)."
         },
     )
     ila_search_learning_rate: float | None = Field(

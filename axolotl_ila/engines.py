@@ -78,7 +78,7 @@ def continuation_refusal(cfg: Any) -> str | None:
     if engine(cfg) == "fsdp2" and fsdp_state_dict_type(cfg) != SHARDED:
         return (
             f"under FSDP2 the warm-up hands over as a checkpoint the engine resumes from, and with "
-            f"fsdp_config.state_dict_type: {fsdp_state_dict_type(cfg)} (transformers' default) accelerate "
+            f"fsdp_config.state_dict_type: {fsdp_state_dict_type(cfg)} (transformers' default when unset) accelerate "
             f"saves and restores a LoRA adapter as rank 0's shards only, so the other ranks would not start "
             f"from the warm-up. Set fsdp_config.state_dict_type: {SHARDED}"
         )

@@ -155,7 +155,7 @@ def test_fsdp1_is_refused_at_config_load(refused):
 
 def test_continuing_under_fsdp2_with_a_full_state_dict_is_refused(refused):
     message = refused(
-        r"ila_continue: true cannot work here: under FSDP2 .* state_dict_type: FULL_STATE_DICT",
+        r"ila_continue: true cannot work here: under FSDP2 .* fsdp_config.state_dict_type: FULL_STATE_DICT",
         ila_continue=True,
         fsdp_version=2,
         fsdp_config={"state_dict_type": "FULL_STATE_DICT", "transformer_layer_cls_to_wrap": "LlamaDecoderLayer"},
