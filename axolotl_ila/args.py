@@ -221,6 +221,24 @@ REPLACED_KEYS = {
 }
 
 
+def output_dir(cfg: Any) -> str:
+    """The run's ``output_dir``, with axolotl's default."""
+    return cfg.output_dir or "./model-out"
+
+
+def continues_by_default(config: Any) -> bool:
+    """``ila_continue``'s default (raw config dict or axolotl's cfg): true for
+    LoRA/QLoRA, false for full fine-tuning (the warm-up's LoRA is not the
+    training's), for LoRA on expert parameters (``lora_target_parameters``,
+    whose handover is not built yet) and where the engine cannot resume from
+    the warm-up (``engines.continuation_refusal``: FSDP2 with FULL_STATE_DICT)."""
+    return (
+        bool(config.get("adapter"))
+        and not continuation_refusal(config)
+        and not config.get("lora_target_parameters")
+    )
+
+
 def check_continuation(data: dict[str, Any], adapter: str | None) -> None:
     """Continuing from the warm-up needs the warm-up's LoRA to be the training's."""
     wanted = data.get("ila_continue")
@@ -240,7 +258,7 @@ def check_continuation(data: dict[str, Any], adapter: str | None) -> None:
             f"ila_continue: true cannot work here: {engine_reason}; or set ila_continue: false, or remove it "
             f"(the default then trains afresh after the search)."
         )
-    if wanted is False or adapter is None or engine_reason or data.get("lora_target_parameters"):
+    if wanted is False or not continues_by_default(data):
         return
     for key, twin in (("ila_search_learning_rate", "learning_rate"), ("ila_search_lora_r", "lora_r")):
         if data.get(key) is not None and data.get(key) != data.get(twin):

@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from axolotl_ila.application import exclude_value, nothing_targeted_message, skeleton_model, target_candidates, user_excludes
+from axolotl_ila.application import peft_exclude_modules
+from axolotl_ila.args import output_dir
 from axolotl_ila.architecture import fingerprint, model_units
+from axolotl_ila.candidates import nothing_targeted_message, skeleton_model, target_candidates, user_excludes
 from axolotl_ila.distributed import is_main_process, on_main, same_on_all_ranks
 from axolotl_ila.ranking import (
     Ranking,
@@ -66,7 +68,7 @@ class Plan:
     selection: Selection
     model: ModelInfo
     ranking_identity: dict[str, Any] | None  # path, digest and fingerprint of the ranking used
-    handoff: Path | None = None  # the warm-up's checkpoint the training continues from
+    handoff_checkpoint: Path | None = None  # the warm-up's checkpoint the training continues from
 
     def record(self) -> dict[str, Any]:
         return {
@@ -139,9 +141,8 @@ def selection_kwargs(cfg: Any) -> dict[str, Any]:
 def is_resuming(cfg: Any) -> bool:
     if cfg.resume_from_checkpoint:
         return True
-    output_dir = Path(cfg.output_dir or "./model-out")
     return bool(cfg.auto_resume_from_checkpoints) and any(
-        p.name.split("-")[-1].isdigit() for p in output_dir.glob("checkpoint-*")
+        p.name.split("-")[-1].isdigit() for p in Path(output_dir(cfg)).glob("checkpoint-*")
     )
 
 
@@ -218,60 +219,82 @@ def resolve_plan(
     """Decide the selection for this run. ``run_search(cfg, info, keep_warm_state)``
     is called only when the config asks for a search (or ``force_search``) and
     returns a ``search.SearchResult``. ``training``: a training run follows, which
-    continues from the warm-up when ``ila_continue`` says so (``plan.handoff``)."""
+    continues from the warm-up when ``ila_continue`` says so (``plan.handoff_checkpoint``)."""
     info = describe_model(cfg)
     strategy = cfg.ila_strategy or "ila"
-    rule = selection_kwargs(cfg)
     # Fraction errors (nothing left, nothing dropped) before any expensive work;
     # the rule it returns is what a resumed run must still ask for.
-    requested = select(info.candidates, info.candidates, strategy, **rule)
-
+    requested = select(info.candidates, info.candidates, strategy, **selection_kwargs(cfg))
     resuming = is_resuming(cfg) and not force_search
+    # A resumed run never searches: its adapters already have a shape.
+    found = find_or_search_ranking(cfg, info, strategy, run_search, force_search, training, may_search=not resuming)
+    selection = None if strategy in RANKED_STRATEGIES and found is None else select_modules(cfg, info, strategy, found)
+    if resuming:
+        return _selection_from_record(cfg, info, requested, selection)
+    if found is None:
+        return Plan(selection=selection, model=info, ranking_identity=None)
+    identity = ranking_identity(found.path, found.ranking)
+    if not same_on_all_ranks(identity["digest"]):
+        raise RankingError(f"ranking file {found.path} differs between processes; put it on a filesystem all ranks share.")
+    plan = Plan(selection=selection, model=info, ranking_identity=identity)
+    if found.warm is not None:
+        plan.handoff_checkpoint = hand_over(cfg, plan, found.warm)
+    return plan
+
+
+@dataclass
+class FoundRanking:
+    path: Path  # where it is: ``ila_ranking``, or the fallback a search wrote to
+    ranking: Ranking
+    warm: Any = None  # a search's warm-up state, when the training continues from it
+
+
+def find_or_search_ranking(
+    cfg: Any,
+    info: ModelInfo,
+    strategy: str,
+    run_search: Callable[[Any, ModelInfo, bool], Any] | None,
+    force_search: bool,
+    training: bool,
+    may_search: bool,
+) -> FoundRanking | None:
+    """The ranking at ``ila_ranking``: loaded, or searched and written there.
+    None when the strategy uses no ranking, and, without ``may_search``, when
+    there is none to load or the config asks for a new one."""
     if strategy not in RANKED_STRATEGIES:
         if cfg.ila_ranking:
             LOG.warning("ILA: ila_strategy: %s does not use ila_ranking (%s)", strategy, cfg.ila_ranking)
-        order = importance_order(info.candidates, strategy, seed=cfg.ila_seed if cfg.ila_seed is not None else 42)
-        selection = select(info.candidates, order, strategy, **rule)
-        if resuming:
-            return _selection_from_record(cfg, info, requested, selection)
-        return Plan(selection=selection, model=info, ranking_identity=None)
-
+        return None
     path = Path(cfg.ila_ranking)
     mode = "always" if force_search else (cfg.ila_search or "auto")
-    if resuming and (not path.exists() or mode == "always"):
-        # A resumed run never searches: its adapters already have a shape.
-        return _selection_from_record(cfg, info, requested, None)
-
-    warm = None
+    if not may_search and (not path.exists() or mode == "always"):
+        return None
     if mode == "never" or (mode == "auto" and path.exists()):
         ranking = load_ranking(path)
         for warning in check_architecture(ranking, info.fingerprint, cfg.base_model, path):
             LOG.warning("ILA: %s", warning)
         if is_main_process():
             remove_stale_temp_files(path)
-    else:
-        check_writable(path, info.fingerprint)
-        if run_search is None:
-            raise RankingError(f"no ranking at {path} and no search available in this context.")
-        continuing = training and continues_training(cfg)
-        result = run_search(cfg, info, continuing)
-        path = on_main(lambda: save_searched(result.ranking, path, cfg.output_dir or "./model-out"))
-        ranking = load_ranking(path)
-        if is_main_process():
-            write_heatmap(ranking, path, cfg)
-        warm = result.warm
+        return FoundRanking(path, ranking)
+    check_writable(path, info.fingerprint)
+    if run_search is None:
+        raise RankingError(f"no ranking at {path} and no search available in this context.")
+    continuing = training and continues_training(cfg)
+    result = run_search(cfg, info, continuing)
+    path = on_main(lambda: save_searched(result.ranking, path, output_dir(cfg)))
+    ranking = load_ranking(path)
+    if is_main_process():
+        write_heatmap(ranking, path, cfg)
+    return FoundRanking(path, ranking, result.warm)
 
-    order = importance_order(info.candidates, strategy, ranking=ranking)
-    selection = select(info.candidates, order, strategy, **rule)
-    if resuming:
-        return _selection_from_record(cfg, info, requested, selection)
-    identity = ranking_identity(path, ranking)
-    if not same_on_all_ranks(identity["digest"]):
-        raise RankingError(f"ranking file {path} differs between processes; put it on a filesystem all ranks share.")
-    plan = Plan(selection=selection, model=info, ranking_identity=identity)
-    if warm is not None:
-        plan.handoff = hand_over(cfg, plan, warm)
-    return plan
+
+def select_modules(cfg: Any, info: ModelInfo, strategy: str, found: FoundRanking | None) -> Selection:
+    """The config's selection: the strategy's importance order, cut by the fraction."""
+    if found is None:
+        order = importance_order(info.candidates, strategy, seed=cfg.ila_seed if cfg.ila_seed is not None else 42)
+    else:
+        order = importance_order(info.candidates, strategy, ranking=found.ranking)
+    return select(info.candidates, order, strategy, **selection_kwargs(cfg))
 
 
 def hand_over(cfg: Any, plan: Plan, warm: Any) -> Path:
@@ -281,20 +304,20 @@ def hand_over(cfg: Any, plan: Plan, warm: Any) -> Path:
     resumes from it."""
     from axolotl_ila.handoff import checkpoint_dir, write_checkpoint, write_sharded_checkpoint
 
-    output_dir = cfg.output_dir or "./model-out"
+    out = output_dir(cfg)
     selection = plan.selection
-    args = (warm, list(selection.kept), list(selection.dropped), output_dir)
-    exclude = exclude_value(user_excludes(cfg), selection.dropped)
+    args = (warm, list(selection.kept), list(selection.dropped), out)
+    exclude = peft_exclude_modules(user_excludes(cfg), selection.dropped)
 
     def write() -> None:
-        write_record(plan, output_dir)
+        write_record(plan, out)
         if warm.sharded is None:
             write_checkpoint(*args, exclude=exclude)
 
     on_main(write)
     if warm.sharded is not None:  # FSDP2: every rank writes its shards
         write_sharded_checkpoint(*args, exclude=exclude)
-    checkpoint = checkpoint_dir(output_dir, warm.step)
+    checkpoint = checkpoint_dir(out, warm.step)
     LOG.info(
         "ILA: the training continues from the warm-up's step %d (%s), with adapters on the %d kept modules only",
         warm.step,
