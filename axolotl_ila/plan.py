@@ -23,6 +23,7 @@ from axolotl_ila.architecture import fingerprint, model_units
 from axolotl_ila.candidates import nothing_targeted_message, skeleton_model, target_candidates, user_excludes
 from axolotl_ila.certainty import certainty_warnings
 from axolotl_ila.distributed import is_main_process, on_main, same_on_all_ranks
+from axolotl_ila.engines import continuation_refusal
 from axolotl_ila.ranking import (
     Ranking,
     RankingError,
@@ -126,7 +127,7 @@ def kernel_warnings(cfg: Any, selection: Selection) -> list[str]:
                 f"ILA: {key} is on, but the selection keeps only some of {'/'.join(FUSED_GROUPS[group])} "
                 f"in {len(split)} blocks (e.g. {split[0]}), which axolotl then runs unfused. Set "
                 f"ila_fused_groups: true to keep or drop each group whole (the selection then follows "
-                f"the ranking less closely; see the README's Fused LoRA kernels)."
+                f"the ranking less closely; see docs/fused-kernels.md)."
             )
     return messages
 
@@ -283,6 +284,9 @@ def find_or_search_ranking(
     if run_search is None:
         raise RankingError(f"no ranking at {path} and no search available in this context.")
     continuing = training and continues_training(cfg)
+    engine_reason = continuation_refusal(cfg)
+    if training and cfg.adapter and cfg.ila_continue is None and engine_reason and is_main_process():
+        LOG.warning("ILA: the training will start afresh after the search (ila_continue defaults to false here): %s", engine_reason)
     result = run_search(cfg, info, continuing)
     path = on_main(lambda: save_searched(result.ranking, path, output_dir(cfg)))
     ranking = load_ranking(path)
@@ -305,22 +309,21 @@ def hand_over(cfg: Any, plan: Plan, warm: Any) -> Path:
     checkpoint (main process), with the selection record beside it, so that a
     run killed from here on resumes with this selection; every rank then
     resumes from it."""
-    from axolotl_ila.handoff import checkpoint_dir, write_checkpoint
+    from axolotl_ila.handoff import checkpoint_dir, write_checkpoint, write_sharded_checkpoint
 
     out = output_dir(cfg)
     selection = plan.selection
+    args = (warm, list(selection.kept), list(selection.dropped), out)
+    exclude = peft_exclude_modules(user_excludes(cfg), selection.dropped)
 
     def write() -> None:
         write_record(plan, out)
-        write_checkpoint(
-            warm,
-            list(selection.kept),
-            list(selection.dropped),
-            out,
-            exclude=peft_exclude_modules(user_excludes(cfg), selection.dropped),
-        )
+        if warm.sharded is None:
+            write_checkpoint(*args, exclude=exclude)
 
     on_main(write)
+    if warm.sharded is not None:  # FSDP2: every rank writes its shards
+        write_sharded_checkpoint(*args, exclude=exclude)
     checkpoint = checkpoint_dir(out, warm.step)
     LOG.info(
         "ILA: the training continues from the warm-up's step %d (%s), with adapters on the %d kept modules only",

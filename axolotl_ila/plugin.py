@@ -12,6 +12,10 @@ Hook order in ``axolotl.cli.train``:
     add_callbacks_pre_trainer  for a training that starts from a search's warm-up
                       (now, or resumed): a callback that proves it did, before step one
     post_trainer_create  verify once more, now that the trainer holds the model
+
+Preference training (``rl:``) applies and verifies at ``post_trainer_create``
+only: there TRL has wrapped the policy (dpo, ipo, kto), and the reference model
+axolotl may load through the same hooks is told apart (see ``preference``).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from axolotl_ila.candidates import keep_users_own, user_excludes
 from axolotl_ila.distributed import is_main_process
 from axolotl_ila.handoff import handoff_check_callback
 from axolotl_ila.plan import ModelInfo, Plan, kernel_warnings, resolve_plan, write_record
+from axolotl_ila.preference import method, verify_reference
 from axolotl_ila.search_config import IN_SEARCH_KEY
 from axolotl_ila.selection import RANKED_STRATEGIES
 
@@ -42,8 +47,10 @@ LOG = logging.getLogger("axolotl.ila")
 
 
 def _load_datasets(cfg: Any) -> Any:
-    from axolotl.common.datasets import load_datasets
+    from axolotl.common.datasets import load_datasets, load_preference_datasets
 
+    if cfg.rl:
+        return load_preference_datasets(cfg=cfg)
     return load_datasets(cfg=cfg)
 
 
@@ -122,13 +129,20 @@ class ILAPlugin(BasePlugin):
         if cfg.get(IN_SEARCH_KEY):
             return
         plan = self._ensure_plan(cfg)
+        if cfg.rl:
+            # This may be the reference model, and for dpo/ipo/kto the policy has
+            # no adapters yet: both are handled in post_trainer_create.
+            return
         if cfg.adapter:
             verify_adapters(model, plan.selection)
         else:
             freeze_dropped(model, plan.selection)
             verify_trainable(model, plan.selection)
+        self._record(cfg)
+
+    def _record(self, cfg) -> None:
         if is_main_process():
-            path = write_record(plan, output_dir(cfg))
+            path = write_record(self.plan, output_dir(cfg))
             LOG.info("ILA: selection recorded in %s", path)
 
     def add_callbacks_pre_trainer(self, cfg, model):
@@ -142,10 +156,31 @@ class ILAPlugin(BasePlugin):
             return
         if self._handoff_check is not None:
             self._handoff_check.trainer = trainer
-        if cfg.adapter:
+        if cfg.rl:
+            self._apply_to_preference_trainer(cfg, trainer)
+        elif cfg.adapter:
             verify_adapters(trainer.model, self.plan.selection)
         else:
             verify_trainable(trainer.model, self.plan.selection)
+
+    def _apply_to_preference_trainer(self, cfg, trainer) -> None:
+        """The policy is ``trainer.model`` (wrapped by TRL for dpo/ipo/kto); the
+        reference, if separate, ``trainer.ref_model``, which stays untouched."""
+        selection = self.plan.selection
+        if cfg.adapter:
+            verify_adapters(trainer.model, selection)
+        else:
+            freeze_dropped(trainer.model, selection)
+            verify_trainable(trainer.model, selection)
+        reference = verify_reference(trainer, selection, method(cfg))
+        LOG.info(
+            "ILA: rl: %s trains %s on the %d kept modules; reference: %s",
+            method(cfg),
+            "LoRA" if cfg.adapter else "the weights",
+            len(selection.kept),
+            reference,
+        )
+        self._record(cfg)
 
 
 def search_config_file(config_path: str) -> Plan:
