@@ -20,15 +20,18 @@ from typing import Any, Callable
 from axolotl_ila.application import exclude_value, nothing_targeted_message, skeleton_model, target_candidates, user_excludes
 from axolotl_ila.architecture import fingerprint, model_units
 from axolotl_ila.distributed import is_main_process, on_main, same_on_all_ranks
+from axolotl_ila.hub import is_hub_path
 from axolotl_ila.ranking import (
     Ranking,
     RankingError,
+    RankingFile,
     check_architecture,
     check_writable,
-    file_digest,
     load_ranking,
+    locate_ranking,
     remove_stale_temp_files,
     save_ranking,
+    write_bytes_atomic,
     write_json_atomic,
 )
 from axolotl_ila.search_config import continues_training
@@ -47,8 +50,11 @@ LOG = logging.getLogger("axolotl.ila")
 
 RECORD_NAME = "ila_selection.json"
 RECORD_FORMAT = "axolotl-ila-selection"
-# Where a searched ranking goes when ``ila_ranking`` cannot take it after the search.
-FALLBACK_RANKING_NAME = "ila_ranking.json"
+# The copy of the ranking a training used, beside the record in output_dir, so
+# that the adapter's folder (and what hub_model_id pushes) carries it. A searched
+# ranking that ``ila_ranking`` cannot take after the search is written there too.
+RANKING_COPY_NAME = "ila_ranking.json"
+FALLBACK_RANKING_NAME = RANKING_COPY_NAME
 
 
 @dataclass
@@ -65,8 +71,9 @@ class ModelInfo:
 class Plan:
     selection: Selection
     model: ModelInfo
-    ranking_identity: dict[str, Any] | None  # path, digest and fingerprint of the ranking used
+    ranking_identity: dict[str, Any] | None  # path, digest and fingerprint of the ranking used (+ hub, copy)
     handoff: Path | None = None  # the warm-up's checkpoint the training continues from
+    ranking_file: Path | None = None  # the ranking's bytes on this machine, copied into output_dir
 
     def record(self) -> dict[str, Any]:
         return {
@@ -146,7 +153,7 @@ def is_resuming(cfg: Any) -> bool:
 
 
 def ranking_identity(path: str | Path, ranking: Ranking) -> dict[str, Any]:
-    return {"path": str(path), "digest": file_digest(path), "fingerprint": ranking.fingerprint}
+    return RankingFile(spec=str(path), local_path=Path(path)).identity(ranking)
 
 
 def read_record(path: Path) -> tuple[dict[str, Any], Selection]:
@@ -236,18 +243,28 @@ def resolve_plan(
             return _selection_from_record(cfg, info, requested, selection)
         return Plan(selection=selection, model=info, ranking_identity=None)
 
-    path = Path(cfg.ila_ranking)
     mode = "always" if force_search else (cfg.ila_search or "auto")
+    if is_hub_path(cfg.ila_ranking):
+        # Fetched (or found in the Hugging Face cache), never searched for: a
+        # search cannot write to the Hub (check_writable says what to do instead).
+        if mode == "always":
+            check_writable(cfg.ila_ranking, info.fingerprint)
+        source = locate_ranking(cfg.ila_ranking)
+    else:
+        source = RankingFile(spec=str(cfg.ila_ranking), local_path=Path(cfg.ila_ranking))
+    path = source.local_path
     if resuming and (not path.exists() or mode == "always"):
         # A resumed run never searches: its adapters already have a shape.
         return _selection_from_record(cfg, info, requested, None)
+    if training:
+        check_copy_target(cfg, source, info.fingerprint)
 
     warm = None
     if mode == "never" or (mode == "auto" and path.exists()):
-        ranking = load_ranking(path)
-        for warning in check_architecture(ranking, info.fingerprint, cfg.base_model, path):
+        ranking = load_ranking(path, label=source.spec)
+        for warning in check_architecture(ranking, info.fingerprint, cfg.base_model, source.spec):
             LOG.warning("ILA: %s", warning)
-        if is_main_process():
+        if is_main_process() and source.hub is None:
             remove_stale_temp_files(path)
     else:
         check_writable(path, info.fingerprint)
@@ -256,6 +273,7 @@ def resolve_plan(
         continuing = training and continues_training(cfg)
         result = run_search(cfg, info, continuing)
         path = on_main(lambda: save_searched(result.ranking, path, cfg.output_dir or "./model-out"))
+        source = RankingFile(spec=str(path), local_path=path)
         ranking = load_ranking(path)
         if is_main_process():
             write_heatmap(ranking, path, cfg)
@@ -265,10 +283,12 @@ def resolve_plan(
     selection = select(info.candidates, order, strategy, **rule)
     if resuming:
         return _selection_from_record(cfg, info, requested, selection)
-    identity = ranking_identity(path, ranking)
+    identity = source.identity(ranking)
+    if training:
+        identity["copy"] = RANKING_COPY_NAME  # written with the record (write_record)
     if not same_on_all_ranks(identity["digest"]):
-        raise RankingError(f"ranking file {path} differs between processes; put it on a filesystem all ranks share.")
-    plan = Plan(selection=selection, model=info, ranking_identity=identity)
+        raise RankingError(f"ranking file {source.spec} differs between processes; put it on a filesystem all ranks share.")
+    plan = Plan(selection=selection, model=info, ranking_identity=identity, ranking_file=path)
     if warm is not None:
         plan.handoff = hand_over(cfg, plan, warm)
     return plan
@@ -354,6 +374,66 @@ def write_heatmap(ranking: Ranking, ranking_path: Path, cfg: Any) -> None:
 
 
 def write_record(plan: Plan, output_dir: str | Path) -> Path:
+    """``ila_selection.json`` in ``output_dir``, and beside it a copy of the
+    ranking the selection came from (``ila_ranking.json``), which the record names.
+    Main process only."""
+    if plan.ranking_file is not None and (plan.ranking_identity or {}).get("copy"):
+        copy_ranking(plan.ranking_file, output_dir)
     path = Path(output_dir) / RECORD_NAME
     write_json_atomic(path, plan.record())
     return path
+
+
+def model_card_note(plan: Plan, cfg: Any) -> str:
+    """A few lines for the model card: what the adapter covers, chosen how, and
+    the files in the folder that say which modules and why."""
+    selection = plan.selection
+    kept, total = len(selection.kept), len(selection.kept) + len(selection.dropped)
+    how = f"`ila_strategy: {selection.strategy}`, {selection.mode} {selection.fraction:g}"
+    if selection.strategy == "ila":
+        chosen = f"chosen by ILA layer importance ([arXiv 2410.17875](https://arxiv.org/abs/2410.17875); {how})"
+    else:
+        chosen = f"chosen by axolotl-ila ({how})"
+    what = (
+        f"The LoRA adapter covers {kept} of the {total} candidate modules"
+        if cfg.adapter
+        else f"The training updated {kept} of the {total} candidate linear modules (the others stayed frozen)"
+    )
+    lines = ["## Layer selection (axolotl-ila)", "", f"{what}, {chosen}."]
+    identity = plan.ranking_identity or {}
+    if identity.get("copy"):
+        origin = f", from `{identity['path']}`" if identity.get("hub") else ""
+        lines.append(f"The ranking that chose them is `{identity['copy']}`{origin}; the kept and dropped modules are listed in `{RECORD_NAME}`.")
+    else:
+        lines.append(f"The kept and dropped modules are listed in `{RECORD_NAME}`.")
+    return "\n".join(lines)
+
+
+def check_copy_target(cfg: Any, source: RankingFile, fingerprint: str) -> None:
+    """Before any expensive work: the ranking's copy can go to ``output_dir``
+    (nothing there, the ranking itself, or an earlier copy of this architecture's
+    ranking; never a file of the user's)."""
+    target = Path(cfg.output_dir or "./model-out") / RANKING_COPY_NAME
+    if target.exists() and source.local_path.exists() and target.samefile(source.local_path):
+        return
+    try:
+        check_writable(target, fingerprint)
+    except RankingError as exc:
+        raise RankingError(
+            f"ILA copies the ranking a training uses into output_dir as {RANKING_COPY_NAME}, but {exc} "
+            f"Use a fresh output_dir, or move {target} away."
+        ) from exc
+
+
+def copy_ranking(ranking_file: Path, output_dir: str | Path) -> Path:
+    """The ranking's exact bytes (so its sha256 is the recorded one) as
+    ``OUTPUT_DIR/ila_ranking.json``, atomically; a no-op when it is that file."""
+    target = Path(output_dir) / RANKING_COPY_NAME
+    if target.exists() and target.samefile(ranking_file):
+        return target
+    data = Path(ranking_file).read_bytes()
+    if target.exists() and target.read_bytes() == data:
+        return target
+    check_writable(target, load_ranking(ranking_file).fingerprint)
+    write_bytes_atomic(target, data)
+    return target
