@@ -13,7 +13,7 @@ from __future__ import annotations
 import click
 
 PROG = "axolotl ila"
-SUMMARY = "ILA layer importance: search, show, compare, combine rankings."
+SUMMARY = "Search, show, compare, combine ILA rankings."  # one line of `axolotl --help`
 _PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True, "allow_interspersed_args": False}
 
 
@@ -49,4 +49,4 @@ class ILACommands(click.Group):
         return _forwarding_command(cmd_name, command.help) if command is not None else None
 
 
-ila = ILACommands("ila", help=SUMMARY, short_help=SUMMARY)
+ila = ILACommands("ila", help="ILA layer importance for Axolotl: the commands of axolotl-ila.", short_help=SUMMARY)

@@ -21,6 +21,7 @@ _REPO_TYPE_PREFIXES = ("datasets/", "spaces/", "buckets/")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _PR_REVISION = re.compile(r"^(refs/pr/\d+)/(.+)$")
 _PR_REF = re.compile(r"^refs/pr/\d+$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
 class HubPathError(ValueError):
@@ -46,8 +47,13 @@ class HubPath:
         revision = f" --revision {self.revision}" if self.revision else ""
         return f"hf download {self.repo_id} {self.path_in_repo}{revision}"
 
+    @property
+    def at_commit(self) -> bool:
+        return bool(self.revision and _COMMIT.match(self.revision))
+
     def upload_command(self, local: str) -> str:
-        revision = f" --revision {self.revision}" if self.revision else ""
+        """Upload ``local`` to this path (a commit cannot take new files: then the default branch)."""
+        revision = f" --revision {self.revision}" if self.revision and not self.at_commit else ""
         return f"hf upload {self.repo_id} {local} {self.path_in_repo}{revision}"
 
 
@@ -119,10 +125,11 @@ class HubFile:
 def how_to_make(source: HubPath) -> str:
     """What a user does when a Hub ranking is missing: search locally, then upload."""
     local = f"rankings/{Path(source.path_in_repo).name}"
+    target = HubPath(source.repo_id, source.path_in_repo) if source.at_commit else source
     return (
         f"A missing Hub ranking is never replaced by a search. To make it: set ila_ranking: {local} "
         f"(a local path) and run `axolotl-ila search CONFIG` (or train once with ila_search: auto); "
-        f"then upload it with `{source.upload_command(local)}` and point ila_ranking back at {source}."
+        f"then upload it with `{source.upload_command(local)}` and point ila_ranking at {target}."
     )
 
 
@@ -149,7 +156,7 @@ def fetch(source: HubPath) -> HubFile:
     try:
         local = hf_hub_download(repo_id=source.repo_id, filename=source.path_in_repo, revision=source.revision)
     except LocalEntryNotFoundError as exc:
-        if constants.HF_HUB_OFFLINE:
+        if constants.is_offline_mode():
             problem = f"HF_HUB_OFFLINE is set and the file is not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
         else:
             problem = f"the Hub could not be reached and the file is not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
@@ -182,6 +189,6 @@ def _snapshot_commit(local: Path, source: HubPath) -> str | None:
     """The cache keeps a file at ``.../snapshots/<commit>/<path in repo>``."""
     depth = len(source.path_in_repo.split("/"))
     snapshot = local.parents[depth - 1] if len(local.parents) >= depth else None
-    if snapshot is not None and snapshot.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", snapshot.name):
+    if snapshot is not None and snapshot.parent.name == "snapshots" and _COMMIT.match(snapshot.name):
         return snapshot.name
     return None
