@@ -196,6 +196,15 @@ def test_show_and_compare_read_hub_rankings_and_combine_does_not_write_to_the_hu
     assert inputs[0]["path"] == hub
 
 
+def test_search_refuses_a_config_whose_ranking_is_on_the_hub(tiny_llama, tmp_path, capsys):
+    cfg = make_config(tiny_llama, tmp_path, ila_ranking="hf://alice/rankings/rankings/tiny.json")
+    assert main(["search", str(write_config(cfg, tmp_path / "config.yml"))]) == 2
+    error = capsys.readouterr().err
+    assert "axolotl-ila: error: hf://alice/rankings/rankings/tiny.json is on the Hugging Face Hub, which axolotl-ila does not write to" in error
+    assert "hf upload OWNER/REPO rankings/NAME.json rankings/NAME.json" in error
+    assert not (tmp_path / "run" / ".ila_search").exists()  # refused before the search
+
+
 # -- trainings ------------------------------------------------------------------
 
 
