@@ -63,7 +63,7 @@ def is_hub_path(value: Any) -> bool:
 
 
 def _malformed(value: str, problem: str) -> HubPathError:
-    return HubPathError(f"ila_ranking {value!r}: {problem}. A Hub ranking is named {ACCEPTED_FORMS}.")
+    return HubPathError(f"ranking path {value!r}: {problem}. A Hub ranking is named {ACCEPTED_FORMS}.")
 
 
 def parse_hub_path(value: str) -> HubPath:

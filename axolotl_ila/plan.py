@@ -152,10 +152,6 @@ def is_resuming(cfg: Any) -> bool:
     )
 
 
-def ranking_identity(path: str | Path, ranking: Ranking) -> dict[str, Any]:
-    return RankingFile(spec=str(path), local_path=Path(path)).identity(ranking)
-
-
 def read_record(path: Path) -> tuple[dict[str, Any], Selection]:
     """A run's ``ila_selection.json`` and its selection, or an error naming the file and the fix."""
     restore = f"Restore {path} from the run that wrote it, or start a fresh output_dir."

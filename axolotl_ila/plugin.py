@@ -36,8 +36,7 @@ from axolotl_ila.application import (
     verify_trainable,
 )
 from axolotl_ila.architecture import fingerprint, model_units
-from axolotl_ila.distributed import is_main_process
-from axolotl_ila.distributed import on_main
+from axolotl_ila.distributed import is_main_process, on_main
 from axolotl_ila.handoff import align_with_training, handoff_check_callback, handoff_checkpoints, remove_after_training
 from axolotl_ila.plan import ModelInfo, Plan, kernel_warnings, model_card_note, resolve_plan, write_record
 from axolotl_ila.search_config import IN_SEARCH_KEY

@@ -23,7 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from axolotl_ila.hub import is_hub_path
 
@@ -407,19 +407,29 @@ def check_can_create_in(path: str | os.PathLike) -> None:
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     """Write JSON so that readers see the old file or the new one, never half."""
-    write_bytes_atomic(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
+
+    def fill(handle: Any) -> None:
+        json.dump(data, handle, indent=2)
+        handle.write("\n")
+
+    _write_atomic(path, fill, binary=False)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write a file so that readers see the old file or the new one, never half."""
+    _write_atomic(path, lambda handle: handle.write(data), binary=True)
+
+
+def _write_atomic(path: str | os.PathLike, fill: Callable[[Any], Any], binary: bool) -> None:
+    """A temp file beside ``path``, filled and synced, then renamed over it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(path)
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.chmod(tmp, default_file_mode())
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+        with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")) as handle:
+            fill(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

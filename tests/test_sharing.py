@@ -110,7 +110,7 @@ def test_malformed_hub_paths_are_refused_with_the_accepted_forms(text, problem):
 
 
 def test_config_validation_refuses_a_malformed_hub_path(refused):
-    message = refused("ila_ranking 'hf://alice/rankings'", ila_ranking="hf://alice/rankings")
+    message = refused("ranking path 'hf://alice/rankings'", ila_ranking="hf://alice/rankings")
     assert "names no file inside the repo" in message and ACCEPTED_FORMS in message
 
 
