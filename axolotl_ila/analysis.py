@@ -15,31 +15,43 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from axolotl_ila.ranking import Ranking, RankingError
+from axolotl_ila.selection import fraction_count
 
 COMBINE_METHODS = ("intersect", "mean-rank")
 
 
-def _count(fraction: float, total: int) -> int:
-    return int(fraction * total + 0.5)  # round half up, as selection does
+def top_names(order: Sequence[Any], p: float) -> list[Any]:
+    """The ``round(p * n)`` first of an order, most important first."""
+    return list(order[: fraction_count(p, len(order))])
 
 
 def top_set(ranking: Ranking, p: float = 0.75) -> set[str]:
     """The ``round(p * n)`` most important modules."""
     if not 0.0 < p <= 1.0:
         raise ValueError(f"--top must be in (0, 1], got {p}")
-    return set(ranking.names[: _count(p, len(ranking.modules))])
+    return set(top_names(ranking.names, p))
 
 
 def bottom_set(ranking: Ranking, k_fraction: float) -> set[str]:
     """The ``round(k_fraction * n)`` least important modules."""
-    k = _count(k_fraction, len(ranking.modules))
+    k = fraction_count(k_fraction, len(ranking.modules))
     return set(ranking.names[len(ranking.names) - k :]) if k else set()
 
 
-def jaccard(a: set[str], b: set[str]) -> float:
+def jaccard(a: set[Any], b: set[Any]) -> float:
     if not a and not b:
         return 1.0
     return len(a & b) / len(a | b)
+
+
+def top_jaccard(a: Sequence[float], b: Sequence[float], fraction: float = 0.75) -> float:
+    """Jaccard similarity of the top-``fraction`` sets of two score vectors
+    (entry i of both scores the same unit; ties broken by position)."""
+
+    def top(scores: Sequence[float]) -> set[int]:
+        return set(top_names(sorted(range(len(scores)), key=lambda i: (-scores[i], i)), fraction))
+
+    return jaccard(top(a), top(b))
 
 
 def check_same_architecture(rankings: Sequence[Ranking], labels: Sequence[str]) -> None:
@@ -147,7 +159,7 @@ def combine(
         ordered_least = sorted(least, key=lambda name: means[name])
         details.update(
             k_fraction=k_fraction,
-            k=_count(k_fraction, n),
+            k=fraction_count(k_fraction, n),
             least_important=ordered_least,
             drop_fraction_for_intersection=round(len(least) / n, 6),
         )

@@ -18,156 +18,16 @@ from typing import Any
 
 import torch
 
-from axolotl_ila.architecture import LinearModule, model_units, strip_peft_prefix
-from axolotl_ila.selection import Selection, SelectionError
+from axolotl_ila.architecture import strip_peft_prefix
+from axolotl_ila.candidates import user_target_parameters
+from axolotl_ila.selection import Selection
 
 
 class ApplicationError(RuntimeError):
     """The model does not carry the selection it was meant to."""
 
 
-def skeleton_model(cfg: Any) -> torch.nn.Module:
-    """The model's module tree on the meta device: names and shapes, no weights.
-
-    Lets us check a ranking against the architecture before anything expensive
-    (datasets, weights) is loaded.
-    """
-    import transformers
-    from axolotl.loaders.utils import load_model_config
-
-    config = load_model_config(cfg)
-    loader_name = cfg.type_of_model or "AutoModelForCausalLM"
-    loader = getattr(transformers, loader_name, transformers.AutoModelForCausalLM)
-    with torch.device("meta"):
-        return loader.from_config(config, trust_remote_code=bool(cfg.trust_remote_code))
-
-
-def user_excludes(cfg: Any) -> list[str] | str | None:
-    """The user's own ``lora_exclude_modules``, before ILA adds to it."""
-    if "ila_user_exclude_modules" in cfg:
-        return cfg["ila_user_exclude_modules"]
-    return cfg.get("lora_exclude_modules") or None
-
-
-def _lora_target_config(model: torch.nn.Module, cfg: Any):
-    """A LoraConfig with exactly the user's target rules (modules, linear,
-    layers_to_transform, excludes, modules_to_save), to ask PEFT which modules
-    it would wrap."""
-    from axolotl.loaders.adapter import find_all_linear_names
-    from peft import LoraConfig
-
-    targets = cfg.lora_target_modules or []
-    # Full fine-tuning without LoRA targets: the candidates are what
-    # ``lora_target_linear: true`` would adapt (every linear module but the head).
-    target_linear = cfg.lora_target_linear or (not cfg.adapter and not targets)
-    if target_linear:
-        # As axolotl does: a string target joins the list (and stops being a regex).
-        as_list = list(targets) if isinstance(targets, (list, tuple)) else [targets] if targets else []
-        targets = sorted(set(as_list) | set(find_all_linear_names(model)))
-    # Otherwise a string stays a string, which PEFT reads as a full-match regex.
-    if not targets:
-        return None
-    return LoraConfig(
-        r=8,
-        target_modules=targets,
-        layers_to_transform=cfg.peft_layers_to_transform,
-        layers_pattern=cfg.peft_layers_pattern,
-        exclude_modules=user_excludes(cfg),
-        modules_to_save=cfg.lora_modules_to_save or None,
-    )
-
-
-def user_target_parameters(cfg: Any) -> list[str]:
-    """The user's own ``lora_target_parameters``, before ILA narrows it."""
-    value = cfg["ila_user_target_parameters"] if "ila_user_target_parameters" in cfg else cfg.get("lora_target_parameters")
-    if not value:
-        return []
-    return [value] if isinstance(value, str) else list(value)
-
-
-def parameter_matches(name: str, targets: list[str]) -> bool:
-    """PEFT's rule for ``target_parameters``: the full name, or a dotted suffix."""
-    return any(name == target or name.endswith(f".{target}") for target in targets)
-
-
-def target_candidates(model: torch.nn.Module, cfg: Any) -> list[LinearModule]:
-    """The units the user's LoRA config would adapt, in model order: linear
-    modules through ``lora_target_modules``/``lora_target_linear``, expert
-    parameters through ``lora_target_parameters``."""
-    from peft.tuners.tuners_utils import check_target_module_exists
-
-    lora_config = _lora_target_config(model, cfg)
-    parameters = user_target_parameters(cfg)
-    candidates = []
-    for unit in model_units(model):
-        if unit.experts is None:
-            if lora_config is not None and check_target_module_exists(lora_config, unit.name):
-                candidates.append(unit)
-        elif parameter_matches(unit.name, parameters):
-            candidates.append(unit)
-    if parameters:
-        _check_parameter_targets(model, parameters)
-    return candidates
-
-
-def _check_parameter_targets(model: torch.nn.Module, targets: list[str]) -> None:
-    """Every ``lora_target_parameters`` entry must name expert parameters: ILA
-    ranks those as units; any other parameter it could not keep or drop."""
-    for target in targets:
-        matched = [
-            (f"{module_name}.{param_name}" if module_name else param_name, param.ndim)
-            for module_name, module in model.named_modules()
-            for param_name, param in module.named_parameters(recurse=False)
-            if parameter_matches(f"{module_name}.{param_name}" if module_name else param_name, [target])
-        ]
-        if not matched:
-            raise SelectionError(
-                f"lora_target_parameters: {target!r} matches no parameter of this model (PEFT matches a "
-                f"full name or a dotted suffix, e.g. mlp.experts.gate_up_proj); fix or remove it."
-            )
-        other = [name for name, ndim in matched if ndim != 3]
-        if other:
-            raise SelectionError(
-                f"lora_target_parameters: {target!r} matches {other[0]}, which is not a 3-D expert "
-                f"parameter; ILA ranks linear modules and mixture-of-experts expert parameters only. "
-                f"Target its module with lora_target_modules instead, or remove it."
-            )
-
-
-def nothing_targeted_message(model: torch.nn.Module, cfg: Any) -> str:
-    """Why no unit is a candidate: the target entries that matched nothing,
-    and the names this model's linear modules do have."""
-    from axolotl.loaders.adapter import find_all_linear_names
-
-    units = model_units(model)
-    leaves = sorted({unit.name.rpartition(".")[2] for unit in units if unit.experts is None})
-    targets = cfg.lora_target_modules or []
-    reasons = []
-    if isinstance(targets, str):
-        if not any(re.fullmatch(targets, unit.name) for unit in units):
-            reasons.append(f"the lora_target_modules regex {targets!r} matches no linear module")
-    else:
-        unmatched = [t for t in targets if not any(u.name == t or u.name.endswith(f".{t}") for u in units)]
-        if unmatched:
-            reasons.append(f"lora_target_modules entries {', '.join(unmatched)} match no linear module")
-    if cfg.lora_target_linear and not find_all_linear_names(model):
-        reasons.append(
-            "lora_target_linear: true adapts nn.Linear modules but the output head, and this model has "
-            "none (axolotl does not count transformers' Conv1D as linear; PEFT adapts it when named)"
-        )
-    if not reasons:
-        reasons.append(
-            "every match is excluded by lora_exclude_modules or lora_modules_to_save, or lies outside "
-            "peft_layers_to_transform"
-        )
-    return (
-        f"no linear module of this model is targeted by LoRA, so ILA has nothing to select: {'; '.join(reasons)}. "
-        f"This model's linear modules are named {', '.join(leaves) or '(none)'}; list those you want in "
-        f"lora_target_modules."
-    )
-
-
-def exclude_value(existing: list[str] | str | None, dropped: tuple[str, ...]) -> list[str] | str:
+def peft_exclude_modules(existing: list[str] | str | None, dropped: tuple[str, ...]) -> list[str] | str:
     """PEFT ``exclude_modules`` that adds the dropped modules to the user's own.
 
     PEFT reads a list as exact names or dotted suffixes, and a string as one
@@ -204,7 +64,7 @@ def adapted_modules(model: torch.nn.Module) -> set[str]:
     return set(lora_layers(model))
 
 
-def target_parameters_value(cfg: Any, kept_parameters: list[str]) -> list[str] | None:
+def peft_target_parameters(cfg: Any, kept_parameters: list[str]) -> list[str] | None:
     """The ``target_parameters`` PEFT receives: the kept expert parameters by
     full name (PEFT has no exclude for parameters), or None without any."""
     if not user_target_parameters(cfg):

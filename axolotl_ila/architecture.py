@@ -33,7 +33,7 @@ _BLOCK_RE = re.compile(r"(?:^|\.)(\d+)\.")
 
 
 @dataclass(frozen=True)
-class LinearModule:
+class ModelUnit:
     """One unit of the base model: a linear module, or an expert parameter
     (``experts`` set: a stack of ``experts`` weights of ``out x in`` each)."""
 
@@ -93,7 +93,7 @@ def strip_peft_prefix(name: str) -> str:
     return name[len(_PEFT_PREFIX) :] if name.startswith(_PEFT_PREFIX) else name
 
 
-def model_units(model: torch.nn.Module) -> list[LinearModule]:
+def model_units(model: torch.nn.Module) -> list[ModelUnit]:
     """Linear modules and expert parameters of a (not yet PEFT-wrapped) model,
     in model order."""
     found = []
@@ -104,21 +104,21 @@ def model_units(model: torch.nn.Module) -> list[LinearModule]:
             continue
         if is_linear(module):
             in_features, out_features = _features(module)
-            found.append(LinearModule(strip_peft_prefix(name), in_features, out_features))
+            found.append(ModelUnit(strip_peft_prefix(name), in_features, out_features))
             continue
         for param_name, param in module.named_parameters(recurse=False):
             if param.ndim == 3:  # experts x out x in, as F.linear(x, weight[e]) reads it
                 experts, out_features, in_features = param.shape
-                found.append(LinearModule(f"{strip_peft_prefix(name)}.{param_name}", int(in_features), int(out_features), int(experts)))
+                found.append(ModelUnit(f"{strip_peft_prefix(name)}.{param_name}", int(in_features), int(out_features), int(experts)))
     return found
 
 
-def linear_modules(model: torch.nn.Module) -> list[LinearModule]:
+def linear_modules(model: torch.nn.Module) -> list[ModelUnit]:
     """All linear modules of a (not yet PEFT-wrapped) model, in model order."""
     return [unit for unit in model_units(model) if unit.experts is None]
 
 
-def fingerprint(modules: list[LinearModule]) -> str:
+def fingerprint(modules: list[ModelUnit]) -> str:
     """Hash of the units' names and shapes, independent of dtype and
     quantization, so a ranking made in bf16 LoRA serves a 4-bit QLoRA run.
     A model without expert parameters hashes exactly its linear modules."""

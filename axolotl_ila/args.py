@@ -247,10 +247,29 @@ REPLACED_KEYS = {
 }
 
 
+def output_dir(cfg: Any) -> str:
+    """The run's ``output_dir``, with axolotl's default."""
+    return cfg.output_dir or "./model-out"
+
+
+def is_sharded(config: Any) -> bool:
+    """FSDP or DeepSpeed shard the optimizer state (raw config dict or axolotl's cfg)."""
+    return bool(config.get("fsdp_config") or config.get("fsdp") or config.get("deepspeed"))
+
+
+def continues_by_default(config: Any) -> bool:
+    """``ila_continue``'s default (raw config dict or axolotl's cfg): true for
+    LoRA/QLoRA, false for full fine-tuning (the warm-up's LoRA is not the
+    training's), for FSDP and DeepSpeed (their optimizer state is sharded) and
+    for LoRA on expert parameters (``lora_target_parameters``, whose handover
+    is not built yet)."""
+    return bool(config.get("adapter")) and not is_sharded(config) and not config.get("lora_target_parameters")
+
+
 def check_continuation(data: dict[str, Any], adapter: str | None) -> None:
     """Continuing from the warm-up needs the warm-up's LoRA to be the training's."""
     wanted = data.get("ila_continue")
-    sharded = bool(data.get("fsdp_config") or data.get("fsdp") or data.get("deepspeed"))
+    sharded = is_sharded(data)
     if wanted and adapter is None:
         raise ValueError(
             "ila_continue: true needs adapter: lora or qlora; full fine-tuning cannot continue from the "
@@ -266,7 +285,7 @@ def check_continuation(data: dict[str, Any], adapter: str | None) -> None:
             "ila_continue: true is not supported with FSDP or DeepSpeed (their optimizer state is sharded); "
             "set ila_continue: false, or remove it (the default then trains afresh after the search)."
         )
-    if wanted is False or adapter is None or sharded or data.get("lora_target_parameters"):
+    if wanted is False or not continues_by_default(data):
         return
     for key, twin in (("ila_search_learning_rate", "learning_rate"), ("ila_search_lora_r", "lora_r")):
         if data.get(key) is not None and data.get(key) != data.get(twin):

@@ -76,6 +76,30 @@ def _ranked_line(ranking: Ranking) -> str:
     return f"scorer    {ranking.scorer}, {ranked} of the model's {total} modules ranked: those the search's LoRA targeted{hint}"
 
 
+def top_bottom_table(ranking: Ranking, n: int = 5, selection: Selection | None = None) -> list[str]:
+    """The ``n`` most and ``n`` least important modules, one line each; with a
+    selection, also their LoRA update norms (where recorded) and keep/DROP."""
+    has_norm = all(m.update_norm is not None for m in ranking.modules)
+
+    def row(rank: str, score: str, norm: str, mark: str, name: str) -> str:
+        cells = [rank, score] + ([norm, mark] if selection is not None else []) + [name]
+        return "  " + "  ".join(cells)
+
+    kept = set(selection.kept) if selection is not None else set()
+    lines = [row(f"{'rank':>4}", f"{'score':>9}", f"{'upd norm' if has_norm else '':>9}", f"{'':4}", "module")]
+    count = len(ranking.modules)
+    shown = sorted(set(range(min(n, count))) | set(range(max(count - n, 0), count)))
+    previous = -1
+    for i in shown:
+        if i != previous + 1:
+            lines.append("  ...")
+        m = ranking.modules[i]
+        norm = f"{m.update_norm:>9.4f}" if has_norm else " " * 9
+        lines.append(row(f"{i + 1:>4}", f"{m.score:>9.4f}", norm, f"{'keep' if m.name in kept else 'DROP':4}", m.name))
+        previous = i
+    return lines
+
+
 def show_text(ranking: Ranking, selection: Selection, path: str | Path, top: int, requested_groups: tuple[str, ...] = ()) -> str:
     lines = [f"ranking   {path}", _model_line(ranking), _ranked_line(ranking)]
     search = ranking.search
@@ -90,19 +114,7 @@ def show_text(ranking: Ranking, selection: Selection, path: str | Path, top: int
     if search.get("method") == "combine":
         combined = search["combine"]
         lines.append(f"combined  {combined['method']} of {', '.join(i['path'] for i in combined['inputs'])}")
-    kept = set(selection.kept)
-    has_norm = all(m.update_norm is not None for m in ranking.modules)
-    lines += ["", f"  {'rank':>4}  {'score':>9}  {'upd norm' if has_norm else '':>9}  {'':4}  module"]
-    count = len(ranking.modules)
-    shown = sorted(set(range(min(top, count))) | set(range(max(count - top, 0), count)))
-    previous = -1
-    for i in shown:
-        if i != previous + 1:
-            lines.append("  ...")
-        m = ranking.modules[i]
-        norm = f"{m.update_norm:>9.4f}" if has_norm else " " * 9
-        lines.append(f"  {i + 1:>4}  {m.score:>9.4f}  {norm}  {'keep' if m.name in kept else 'DROP':4}  {m.name}")
-        previous = i
+    lines += [""] + top_bottom_table(ranking, top, selection)
     whole = f" (whole {', '.join(selection.groups)})" if selection.groups else ""
     lines += ["", f"at {selection.mode} {selection.fraction:g}{whole}: kept {len(selection.kept)}, dropped {len(selection.dropped)}"]
     if requested_groups and not selection.groups:
@@ -119,7 +131,6 @@ def show_text(ranking: Ranking, selection: Selection, path: str | Path, top: int
 
 def cmd_search(args: argparse.Namespace) -> int:
     from axolotl_ila.plugin import search_config_file
-    from axolotl_ila.search import top_bottom_table
 
     config = Path(args.config)
     if not config.is_file():
@@ -127,7 +138,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     plan = search_config_file(str(config))
     ranking_path = Path(plan.ranking_identity["path"])
     ranking = load_ranking(ranking_path)
-    print(top_bottom_table(ranking))
+    print("\n".join(top_bottom_table(ranking)))
     print(f"\nranking written to {ranking_path}, heatmap {ranking_path.with_suffix('.png')}")
     return 0
 

@@ -67,12 +67,6 @@ def on_main(work: Callable[[], T]) -> T:
     return result
 
 
-def main_writes_all_read(write: Callable[[], None], read: Callable[[], T]) -> T:
-    """Run ``write`` on the main process only, then ``read`` on every process."""
-    on_main(write)
-    return read()
-
-
 def all_reduce_mean_(tensor) -> None:
     """Average a tensor across processes in place (no-op on one process)."""
     if is_distributed():

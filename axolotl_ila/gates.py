@@ -19,6 +19,7 @@ from typing import Any, Iterator
 
 import torch
 
+from axolotl_ila.analysis import top_jaccard
 from axolotl_ila.distributed import all_reduce_mean_, is_main_process
 from axolotl_ila.lora_update import install_gate
 from axolotl_ila.search_config import SearchError
@@ -123,14 +124,6 @@ def spearman(a: list[float], b: list[float]) -> float:
     ra, rb = ranks(a), ranks(b)
     d2 = sum((x - y) ** 2 for x, y in zip(ra, rb))
     return 1.0 - 6.0 * d2 / (n * (n * n - 1))
-
-
-def top_jaccard(a: list[float], b: list[float], fraction: float = 0.75) -> float:
-    """Jaccard similarity of the top-``fraction`` index sets of two score vectors."""
-    k = max(1, int(fraction * len(a) + 0.5))
-    top_a = set(sorted(range(len(a)), key=lambda i: (-a[i], i))[:k])
-    top_b = set(sorted(range(len(b)), key=lambda i: (-b[i], i))[:k])
-    return len(top_a & top_b) / len(top_a | top_b)
 
 
 @dataclass

@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from axolotl_ila.application import exclude_value, nothing_targeted_message, skeleton_model, target_candidates, user_excludes
+from axolotl_ila.application import peft_exclude_modules
+from axolotl_ila.args import output_dir
 from axolotl_ila.architecture import fingerprint, model_units
+from axolotl_ila.candidates import nothing_targeted_message, skeleton_model, target_candidates, user_excludes
 from axolotl_ila.distributed import is_main_process, on_main, same_on_all_ranks
 from axolotl_ila.hub import is_hub_path
 from axolotl_ila.ranking import (
@@ -72,7 +74,7 @@ class Plan:
     selection: Selection
     model: ModelInfo
     ranking_identity: dict[str, Any] | None  # path, digest and fingerprint of the ranking used (+ hub, copy)
-    handoff: Path | None = None  # the warm-up's checkpoint the training continues from
+    handoff_checkpoint: Path | None = None  # the warm-up's checkpoint the training continues from
     ranking_file: Path | None = None  # the ranking's bytes on this machine, copied into output_dir
 
     def record(self) -> dict[str, Any]:
@@ -146,9 +148,8 @@ def selection_kwargs(cfg: Any) -> dict[str, Any]:
 def is_resuming(cfg: Any) -> bool:
     if cfg.resume_from_checkpoint:
         return True
-    output_dir = Path(cfg.output_dir or "./model-out")
     return bool(cfg.auto_resume_from_checkpoints) and any(
-        p.name.split("-")[-1].isdigit() for p in output_dir.glob("checkpoint-*")
+        p.name.split("-")[-1].isdigit() for p in Path(output_dir(cfg)).glob("checkpoint-*")
     )
 
 
@@ -221,24 +222,54 @@ def resolve_plan(
     """Decide the selection for this run. ``run_search(cfg, info, keep_warm_state)``
     is called only when the config asks for a search (or ``force_search``) and
     returns a ``search.SearchResult``. ``training``: a training run follows, which
-    continues from the warm-up when ``ila_continue`` says so (``plan.handoff``)."""
+    continues from the warm-up when ``ila_continue`` says so (``plan.handoff_checkpoint``)."""
     info = describe_model(cfg)
     strategy = cfg.ila_strategy or "ila"
-    rule = selection_kwargs(cfg)
     # Fraction errors (nothing left, nothing dropped) before any expensive work;
     # the rule it returns is what a resumed run must still ask for.
-    requested = select(info.candidates, info.candidates, strategy, **rule)
-
+    requested = select(info.candidates, info.candidates, strategy, **selection_kwargs(cfg))
     resuming = is_resuming(cfg) and not force_search
+    # A resumed run never searches: its adapters already have a shape.
+    found = find_or_search_ranking(cfg, info, strategy, run_search, force_search, training, may_search=not resuming)
+    selection = None if strategy in RANKED_STRATEGIES and found is None else select_modules(cfg, info, strategy, found)
+    if resuming:
+        return _selection_from_record(cfg, info, requested, selection)
+    if found is None:
+        return Plan(selection=selection, model=info, ranking_identity=None)
+    identity = found.source.identity(found.ranking)
+    if training:
+        identity["copy"] = RANKING_COPY_NAME  # written with the record (write_record)
+    if not same_on_all_ranks(identity["digest"]):
+        raise RankingError(f"ranking file {found.source.spec} differs between processes; put it on a filesystem all ranks share.")
+    plan = Plan(selection=selection, model=info, ranking_identity=identity, ranking_file=found.source.local_path)
+    if found.warm is not None:
+        plan.handoff_checkpoint = hand_over(cfg, plan, found.warm)
+    return plan
+
+
+@dataclass
+class FoundRanking:
+    source: RankingFile  # where it is: ``ila_ranking`` (local or on the Hub), or the fallback a search wrote to
+    ranking: Ranking
+    warm: Any = None  # a search's warm-up state, when the training continues from it
+
+
+def find_or_search_ranking(
+    cfg: Any,
+    info: ModelInfo,
+    strategy: str,
+    run_search: Callable[[Any, ModelInfo, bool], Any] | None,
+    force_search: bool,
+    training: bool,
+    may_search: bool,
+) -> FoundRanking | None:
+    """The ranking at ``ila_ranking``: loaded, or searched and written there.
+    None when the strategy uses no ranking, and, without ``may_search``, when
+    there is none to load or the config asks for a new one."""
     if strategy not in RANKED_STRATEGIES:
         if cfg.ila_ranking:
             LOG.warning("ILA: ila_strategy: %s does not use ila_ranking (%s)", strategy, cfg.ila_ranking)
-        order = importance_order(info.candidates, strategy, seed=cfg.ila_seed if cfg.ila_seed is not None else 42)
-        selection = select(info.candidates, order, strategy, **rule)
-        if resuming:
-            return _selection_from_record(cfg, info, requested, selection)
-        return Plan(selection=selection, model=info, ranking_identity=None)
-
+        return None
     mode = "always" if force_search else (cfg.ila_search or "auto")
     if is_hub_path(cfg.ila_ranking):
         # Fetched (or found in the Hugging Face cache), never searched for: a
@@ -249,45 +280,36 @@ def resolve_plan(
     else:
         source = RankingFile(spec=str(cfg.ila_ranking), local_path=Path(cfg.ila_ranking))
     path = source.local_path
-    if resuming and (not path.exists() or mode == "always"):
-        # A resumed run never searches: its adapters already have a shape.
-        return _selection_from_record(cfg, info, requested, None)
+    if not may_search and (not path.exists() or mode == "always"):
+        return None
     if training:
         check_copy_target(cfg, source, info.fingerprint)
-
-    warm = None
     if mode == "never" or (mode == "auto" and path.exists()):
         ranking = load_ranking(path, label=source.spec)
         for warning in check_architecture(ranking, info.fingerprint, cfg.base_model, source.spec):
             LOG.warning("ILA: %s", warning)
         if is_main_process() and source.hub is None:
             remove_stale_temp_files(path)
-    else:
-        check_writable(path, info.fingerprint)
-        if run_search is None:
-            raise RankingError(f"no ranking at {path} and no search available in this context.")
-        continuing = training and continues_training(cfg)
-        result = run_search(cfg, info, continuing)
-        path = on_main(lambda: save_searched(result.ranking, path, cfg.output_dir or "./model-out"))
-        source = RankingFile(spec=str(path), local_path=path)
-        ranking = load_ranking(path)
-        if is_main_process():
-            write_heatmap(ranking, path, cfg)
-        warm = result.warm
+        return FoundRanking(source, ranking)
+    check_writable(path, info.fingerprint)
+    if run_search is None:
+        raise RankingError(f"no ranking at {path} and no search available in this context.")
+    continuing = training and continues_training(cfg)
+    result = run_search(cfg, info, continuing)
+    path = on_main(lambda: save_searched(result.ranking, path, output_dir(cfg)))
+    ranking = load_ranking(path)
+    if is_main_process():
+        write_heatmap(ranking, path, cfg)
+    return FoundRanking(RankingFile(spec=str(path), local_path=path), ranking, result.warm)
 
-    order = importance_order(info.candidates, strategy, ranking=ranking)
-    selection = select(info.candidates, order, strategy, **rule)
-    if resuming:
-        return _selection_from_record(cfg, info, requested, selection)
-    identity = source.identity(ranking)
-    if training:
-        identity["copy"] = RANKING_COPY_NAME  # written with the record (write_record)
-    if not same_on_all_ranks(identity["digest"]):
-        raise RankingError(f"ranking file {source.spec} differs between processes; put it on a filesystem all ranks share.")
-    plan = Plan(selection=selection, model=info, ranking_identity=identity, ranking_file=path)
-    if warm is not None:
-        plan.handoff = hand_over(cfg, plan, warm)
-    return plan
+
+def select_modules(cfg: Any, info: ModelInfo, strategy: str, found: FoundRanking | None) -> Selection:
+    """The config's selection: the strategy's importance order, cut by the fraction."""
+    if found is None:
+        order = importance_order(info.candidates, strategy, seed=cfg.ila_seed if cfg.ila_seed is not None else 42)
+    else:
+        order = importance_order(info.candidates, strategy, ranking=found.ranking)
+    return select(info.candidates, order, strategy, **selection_kwargs(cfg))
 
 
 def hand_over(cfg: Any, plan: Plan, warm: Any) -> Path:
@@ -297,21 +319,21 @@ def hand_over(cfg: Any, plan: Plan, warm: Any) -> Path:
     resumes from it."""
     from axolotl_ila.handoff import checkpoint_dir, write_checkpoint
 
-    output_dir = cfg.output_dir or "./model-out"
+    out = output_dir(cfg)
     selection = plan.selection
 
     def write() -> None:
-        write_record(plan, output_dir)
+        write_record(plan, out)
         write_checkpoint(
             warm,
             list(selection.kept),
             list(selection.dropped),
-            output_dir,
-            exclude=exclude_value(user_excludes(cfg), selection.dropped),
+            out,
+            exclude=peft_exclude_modules(user_excludes(cfg), selection.dropped),
         )
 
     on_main(write)
-    checkpoint = checkpoint_dir(output_dir, warm.step)
+    checkpoint = checkpoint_dir(out, warm.step)
     LOG.info(
         "ILA: the training continues from the warm-up's step %d (%s), with adapters on the %d kept modules only",
         warm.step,
@@ -409,7 +431,7 @@ def check_copy_target(cfg: Any, source: RankingFile, fingerprint: str) -> None:
     """Before any expensive work: the ranking's copy can go to ``output_dir``
     (nothing there, the ranking itself, or an earlier copy of this architecture's
     ranking; never a file of the user's)."""
-    target = Path(cfg.output_dir or "./model-out") / RANKING_COPY_NAME
+    target = Path(output_dir(cfg)) / RANKING_COPY_NAME
     if target.exists() and source.local_path.exists() and target.samefile(source.local_path):
         return
     try:

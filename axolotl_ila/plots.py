@@ -11,11 +11,10 @@ model's shape.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 from axolotl_ila.architecture import block_index, module_kind
-from axolotl_ila.ranking import Ranking, default_file_mode
+from axolotl_ila.ranking import Ranking, write_atomic
 from axolotl_ila.selection import importance_order, select
 
 DPI = 100
@@ -114,17 +113,7 @@ def heatmap(
     bar.set_label("gate score" if scorer == "score" and ranking.scorer == "ila_gate" else scorer, fontsize=8)
     fig.tight_layout()
 
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
-    os.close(fd)
-    os.chmod(tmp, default_file_mode())
     try:
-        fig.savefig(tmp, dpi=DPI, format="png")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        return write_atomic(out_png, lambda temp: fig.savefig(temp, dpi=DPI, format="png"))
     finally:
         plt.close(fig)
-    return out

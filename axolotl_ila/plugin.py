@@ -27,15 +27,15 @@ from axolotl.integrations.base import BasePlugin
 
 from axolotl_ila.application import (
     ApplicationError,
-    exclude_value,
     freeze_dropped,
-    target_parameters_value,
-    user_excludes,
-    user_target_parameters,
+    peft_exclude_modules,
+    peft_target_parameters,
     verify_adapters,
     verify_trainable,
 )
 from axolotl_ila.architecture import fingerprint, model_units
+from axolotl_ila.args import output_dir
+from axolotl_ila.candidates import keep_users_own, user_excludes
 from axolotl_ila.distributed import is_main_process, on_main
 from axolotl_ila.handoff import align_with_training, handoff_check_callback, handoff_checkpoints, remove_after_training
 from axolotl_ila.plan import ModelInfo, Plan, kernel_warnings, model_card_note, resolve_plan, write_record
@@ -84,9 +84,9 @@ class ILAPlugin(BasePlugin):
             LOG.info("%s", self.plan.selection.summary())
             for message in kernel_warnings(cfg, self.plan.selection):
                 LOG.warning("%s", message)
-            if self.plan.handoff is not None:
+            if self.plan.handoff_checkpoint is not None:
                 # axolotl reads this when training starts (determine_last_checkpoint).
-                cfg.resume_from_checkpoint = str(self.plan.handoff)
+                cfg.resume_from_checkpoint = str(self.plan.handoff_checkpoint)
         return self.plan
 
     def load_datasets(self, cfg, preprocess: bool = False):
@@ -116,15 +116,12 @@ class ILAPlugin(BasePlugin):
                 f"Is a plugin or `trust_remote_code` changing the model after loading?"
             )
         if cfg.adapter:
-            if "ila_user_exclude_modules" not in cfg:
-                cfg["ila_user_exclude_modules"] = cfg.get("lora_exclude_modules") or None
+            keep_users_own(cfg)
             experts = set(plan.model.expert_candidates)
             dropped_modules = tuple(name for name in plan.selection.dropped if name not in experts)
-            cfg.lora_exclude_modules = exclude_value(user_excludes(cfg), dropped_modules)
-            if "ila_user_target_parameters" not in cfg:
-                cfg["ila_user_target_parameters"] = user_target_parameters(cfg) or None
+            cfg.lora_exclude_modules = peft_exclude_modules(user_excludes(cfg), dropped_modules)
             kept_experts = [name for name in plan.selection.kept if name in experts]
-            cfg.lora_target_parameters = target_parameters_value(cfg, kept_experts)
+            cfg.lora_target_parameters = peft_target_parameters(cfg, kept_experts)
 
     def post_model_load(self, cfg, model):
         if cfg.get(IN_SEARCH_KEY):
@@ -136,13 +133,13 @@ class ILAPlugin(BasePlugin):
             freeze_dropped(model, plan.selection)
             verify_trainable(model, plan.selection)
         if is_main_process():
-            path = write_record(plan, cfg.output_dir or "./model-out")
+            path = write_record(plan, output_dir(cfg))
             LOG.info("ILA: selection recorded in %s", path)
 
     def add_callbacks_pre_trainer(self, cfg, model):
         if cfg.get(IN_SEARCH_KEY) or self.plan is None or not cfg.adapter:
             return []
-        self._handoff_check = handoff_check_callback(cfg.output_dir or "./model-out", self.plan.handoff)
+        self._handoff_check = handoff_check_callback(output_dir(cfg), self.plan.handoff_checkpoint)
         return [self._handoff_check]
 
     def post_trainer_create(self, cfg, trainer):
@@ -150,16 +147,14 @@ class ILAPlugin(BasePlugin):
             return
         if self._handoff_check is not None:
             self._handoff_check.trainer = trainer
-        if cfg.adapter:
-            verify_adapters(trainer.model, self.plan.selection)
-        else:
+        if not cfg.adapter:
             verify_trainable(trainer.model, self.plan.selection)
-        if cfg.adapter:
-            output_dir = cfg.output_dir or "./model-out"
+        else:
+            verify_adapters(trainer.model, self.plan.selection)
             batch_size = getattr(trainer, "_train_batch_size", None)
 
             def align() -> None:
-                for checkpoint in handoff_checkpoints(output_dir):
+                for checkpoint in handoff_checkpoints(output_dir(cfg)):
                     align_with_training(checkpoint, trainer.args, batch_size)
 
             on_main(align)  # before the trainer loads it, on every rank
@@ -171,7 +166,7 @@ class ILAPlugin(BasePlugin):
         if cfg.get(IN_SEARCH_KEY) or self.plan is None or self._save_strategy is None:
             return
         if is_main_process():
-            remove_after_training(cfg.output_dir or "./model-out", self._save_strategy)
+            remove_after_training(output_dir(cfg), self._save_strategy)
         self._save_strategy = None  # once
 
 

@@ -405,37 +405,47 @@ def check_can_create_in(path: str | os.PathLike) -> None:
         ) from exc
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON so that readers see the old file or the new one, never half."""
-
-    def fill(handle: Any) -> None:
-        json.dump(data, handle, indent=2)
-        handle.write("\n")
-
-    _write_atomic(path, fill, binary=False)
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write a file so that readers see the old file or the new one, never half."""
-    _write_atomic(path, lambda handle: handle.write(data), binary=True)
-
-
-def _write_atomic(path: str | os.PathLike, fill: Callable[[Any], Any], binary: bool) -> None:
-    """A temp file beside ``path``, filled and synced, then renamed over it."""
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Write a file so that readers see the old file or the new one, never half:
+    ``write(temp)`` writes a temp file beside ``path``, which then replaces it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(path)
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+    os.close(fd)
     os.chmod(tmp, default_file_mode())
     try:
-        with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")) as handle:
-            fill(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+        write(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON so that readers see the old file or the new one, never half."""
+
+    def write(temp: Path) -> None:
+        with temp.open("w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    write_atomic(path, write)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write bytes so that readers see the old file or the new one, never half."""
+
+    def write(temp: Path) -> None:
+        with temp.open("wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    write_atomic(path, write)
 
 
 def save_ranking(ranking: Ranking, path: str | os.PathLike) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from axolotl_ila.cli import top_bottom_table
 from axolotl_ila.gates import OrderSettle, curve, run_gates
 from axolotl_ila.handoff import WarmState
 from axolotl_ila.plan import ModelInfo
@@ -74,10 +75,9 @@ def search_ranking(cfg: Any, dataset_meta: Any, info: ModelInfo, keep_warm_state
 
     Callers run ``check_search_config(cfg)`` first, before loading the data.
     """
-    from axolotl.train import setup_model_and_tokenizer
-    from axolotl.utils.trainer import setup_trainer
     from transformers import set_seed
 
+    # 1. The search's own config.
     total = planned_steps(cfg, dataset_meta)
     cap = warmup_cap(cfg, total)
     scfg = search_config(cfg, cap, continuing=keep_warm_state)
@@ -89,11 +89,55 @@ def search_ranking(cfg: Any, dataset_meta: Any, info: ModelInfo, keep_warm_state
         "; the training continues from it" if keep_warm_state else "",
         cfg.ila_gate_steps,
     )
-
     # Seed before the adapters exist: LoRA's A matrices are drawn at model load,
     # before the trainer seeds anything, and a search must be reproducible.
     seed = cfg.seed if cfg.seed is not None else 42
     set_seed(seed)
+
+    # 2. Stage 1: the warm-up.
+    trainer, layers, stage1 = _warm_up(cfg, scfg, dataset_meta, info, total, cap, keep_warm_state)
+    # 3. How far each module's LoRA update moved.
+    norms = update_norms(layers)
+    # 4. The warm-up's state, for the training to continue from.
+    warm = WarmState.capture(trainer) if keep_warm_state else None
+    # 5. Stage 2: the gates.
+    set_seed(seed)
+    scores, stage2 = _gate_search(cfg, trainer, layers)
+    # 6. The ranking, with how it was made.
+    search = {
+        "method": "ila",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "data": _data_identity(cfg, dataset_meta),
+        "seed": seed,
+        "adapter": scfg.adapter,
+        "stage1": stage1,
+        "stage2": stage2,
+        "world_size": int(trainer.args.world_size),
+        "versions": _versions(),
+    }
+    ranking = Ranking.from_scores(
+        scores, model=info.model_section, search=search, update_norms=norms, module_order=info.candidates
+    )
+    # Release the search model before the real one is built: the accelerator
+    # keeps references to what it prepared.
+    trainer.accelerator.free_memory()
+    del trainer, layers
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    LOG.info("ILA search done\n%s", "\n".join(top_bottom_table(ranking)))
+    return SearchResult(ranking=ranking, warm=warm)
+
+
+def _warm_up(
+    cfg: Any, scfg: Any, dataset_meta: Any, info: ModelInfo, total: int, cap: int, keep_warm_state: bool
+) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """Stage 1: axolotl builds the search model and trainer, which trains until
+    the probed ranking settles (or ``cap``). Returns the trainer, the LoRA
+    layers by module name (candidate order) and the stage's record."""
+    from axolotl.train import setup_model_and_tokenizer
+    from axolotl.utils.trainer import setup_trainer
+
     started = time.perf_counter()
     model, tokenizer, peft_config, processor = setup_model_and_tokenizer(scfg)
     layers = lora_modules(model)
@@ -119,14 +163,32 @@ def search_ranking(cfg: Any, dataset_meta: Any, info: ModelInfo, keep_warm_state
     callback = warmup_callback(RankingProbe(trainer, layers), settle, every, cap, losses)
     trainer.add_callback(callback)
     trainer.train()
-    stage1_s = time.perf_counter() - started
+    wall_s = time.perf_counter() - started
+    stage1 = _warm_up_record(scfg, trainer, callback.stop_reason, settle, every, losses, total, cap, keep_warm_state, wall_s)
+    LOG.info("ILA warm-up stopped after %d steps (%s)", stage1["steps"], stage1["stop_reason"])
+    return trainer, layers, stage1
+
+
+def _warm_up_record(
+    scfg: Any,
+    trainer: Any,
+    stop_reason: str,
+    settle: OrderSettle,
+    every: int,
+    losses: list[float],
+    total: int,
+    cap: int,
+    keep_warm_state: bool,
+    wall_s: float,
+) -> dict[str, Any]:
+    """The ranking file's ``search.stage1``: how long the warm-up ran and why it stopped."""
     steps_done = int(trainer.state.global_step)
-    stage1 = {
+    return {
         "steps": steps_done,
         "max_steps": cap,
         "planned_training_steps": total,
         "fraction_of_training": steps_done / total,
-        "stop_reason": callback.stop_reason,
+        "stop_reason": stop_reason,
         "settle": {
             "signal": "order of the gate gradient at the gates' start (one micro-batch, smoothed), "
             "compared with the order at half the steps; and the loss no longer clearly falling",
@@ -144,13 +206,12 @@ def search_ranking(cfg: Any, dataset_meta: Any, info: ModelInfo, keep_warm_state
         "loss_first": losses[0] if losses else None,
         "loss_last": losses[-1] if losses else None,
         "loss_curve": curve(losses),
-        "wall_s": round(stage1_s, 3),
+        "wall_s": round(wall_s, 3),
     }
-    LOG.info("ILA warm-up stopped after %d steps (%s)", steps_done, stage1["stop_reason"])
 
-    norms = update_norms(layers)
-    warm = WarmState.capture(trainer) if keep_warm_state else None
-    set_seed(seed)
+
+def _gate_search(cfg: Any, trainer: Any, layers: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
+    """Stage 2: the gate scores, and the stage's record."""
     started = time.perf_counter()
     scores, stage2 = run_gates(
         trainer,
@@ -162,41 +223,4 @@ def search_ranking(cfg: Any, dataset_meta: Any, info: ModelInfo, keep_warm_state
         min_steps=cfg.ila_gate_min_steps,
     )
     stage2["wall_s"] = round(time.perf_counter() - started, 3)
-
-    search = {
-        "method": "ila",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "data": _data_identity(cfg, dataset_meta),
-        "seed": seed,
-        "adapter": scfg.adapter,
-        "stage1": stage1,
-        "stage2": stage2,
-        "world_size": int(trainer.args.world_size),
-        "versions": _versions(),
-    }
-    ranking = Ranking.from_scores(
-        scores, model=info.model_section, search=search, update_norms=norms, module_order=info.candidates
-    )
-    # Release the search model before the real one is built: the accelerator
-    # keeps references to what it prepared.
-    trainer.accelerator.free_memory()
-    del trainer, model, layers
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    LOG.info("ILA search done\n%s", top_bottom_table(ranking))
-    return SearchResult(ranking=ranking, warm=warm)
-
-
-def top_bottom_table(ranking: Ranking, n: int = 5) -> str:
-    rows = [f"  {'rank':>4}  {'score':>9}  module"]
-    count = len(ranking.modules)
-    shown = list(range(min(n, count))) + [i for i in range(max(count - n, n), count)]
-    previous = -1
-    for i in shown:
-        if i != previous + 1:
-            rows.append("  ...")
-        module = ranking.modules[i]
-        rows.append(f"  {i + 1:>4}  {module.score:>9.4f}  {module.name}")
-        previous = i
-    return "\n".join(rows)
+    return scores, stage2

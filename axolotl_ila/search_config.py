@@ -14,6 +14,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from axolotl_ila.args import continues_by_default, output_dir
+from axolotl_ila.candidates import user_excludes
+
 IN_SEARCH_KEY = "ila_in_search"
 FULL_FT_SEARCH_LR = 2e-4
 FULL_FT_SEARCH_RANK = 16
@@ -45,15 +48,11 @@ def check_search_config(cfg: Any) -> None:
 
 def continues_training(cfg: Any) -> bool:
     """Does the training run continue from the warm-up (one run), or start
-    afresh after the search (the paper's two runs)? Continuing needs the
-    warm-up's LoRA to be the training's LoRA, so full fine-tuning never does;
-    nor, by default, a run whose optimizer state FSDP or DeepSpeed shard, or
-    one with LoRA on expert parameters (``lora_target_parameters``), whose
-    handover is not built yet; an explicit ``ila_continue: true`` there is
-    refused at config load."""
+    afresh after the search (the paper's two runs)? ``ila_continue``, or its
+    default (``args.continues_by_default``); an explicit ``ila_continue: true``
+    where the default is false is refused at config load."""
     if cfg.ila_continue is None:
-        sharded = bool(cfg.fsdp_config or cfg.fsdp or cfg.deepspeed)
-        return bool(cfg.adapter) and not sharded and not cfg.lora_target_parameters
+        return continues_by_default(cfg)
     return bool(cfg.ila_continue)
 
 
@@ -94,7 +93,7 @@ def search_config(cfg: Any, cap: int, continuing: bool) -> Any:
         scfg.warmup_steps = min(int(cfg.warmup_steps or 0), cap // 10)
         scfg.warmup_ratio = None
     scfg.logging_steps = 1
-    scfg.output_dir = str(Path(cfg.output_dir or "./model-out") / ".ila_search")
+    scfg.output_dir = str(Path(output_dir(cfg)) / ".ila_search")
     scfg.save_strategy = "no"
     scfg.save_steps = scfg.saves_per_epoch = None
     scfg.eval_strategy = "no"
@@ -107,5 +106,5 @@ def search_config(cfg: Any, cap: int, continuing: bool) -> Any:
     scfg.hub_model_id = None
     scfg.use_wandb = scfg.use_mlflow = scfg.use_comet = scfg.use_tensorboard = False
     scfg.unfrozen_parameters = None
-    scfg.lora_exclude_modules = cfg.get("ila_user_exclude_modules", cfg.get("lora_exclude_modules"))
+    scfg.lora_exclude_modules = user_excludes(cfg)
     return scfg

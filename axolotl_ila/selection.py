@@ -127,8 +127,9 @@ def importance_order(
     raise SelectionError(f"ila_strategy: unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}.")
 
 
-def _count(fraction: float, total: int) -> int:
-    return int(fraction * total + 0.5)  # round half up, unlike round()
+def fraction_count(fraction: float, total: int) -> int:
+    """How many of ``total`` a fraction is: rounded half up, unlike round()."""
+    return int(fraction * total + 0.5)
 
 
 def _fused_member(name: str, groups: tuple[str, ...]) -> tuple[str, str] | None:
@@ -228,11 +229,11 @@ def select(
             "`lora_target_modules` / `lora_target_linear`."
         )
     if keep_fraction is not None:
-        mode, fraction, n_keep = "keep", keep_fraction, _count(keep_fraction, total)
+        mode, fraction, n_keep = "keep", keep_fraction, fraction_count(keep_fraction, total)
         key = "ila_keep_fraction"
     else:
         fraction = DEFAULT_DROP_FRACTION if drop_fraction is None else drop_fraction
-        mode, n_keep = "drop", total - _count(fraction, total)
+        mode, n_keep = "drop", total - fraction_count(fraction, total)
         key = "ila_drop_fraction"
     if n_keep <= 0:
         raise SelectionError(

@@ -10,6 +10,8 @@ import json
 import random
 from pathlib import Path
 
+from axolotl_ila.ranking import write_atomic
+
 
 # llama: separate q/k/v and gate/up/down nn.Linear; gpt_neox: fused query_key_value;
 # gpt2: transformers' Conv1D projections (c_attn, c_proj, c_fc); qwen3_moe: a
@@ -38,12 +40,7 @@ def make_alpaca_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
 
 
 def write_jsonl(path: str | Path, rows: list[dict[str, str]]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_atomic(path, lambda temp: temp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8"))
 
 
 def build_tokenizer(rows: list[dict[str, str]], out_dir: str | Path, vocab_size: int = 1000):

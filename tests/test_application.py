@@ -12,14 +12,13 @@ from transformers import AutoModelForCausalLM
 from axolotl_ila.application import (
     ApplicationError,
     adapted_modules,
-    exclude_value,
     freeze_dropped,
-    skeleton_model,
-    target_candidates,
+    peft_exclude_modules,
     verify_adapters,
     verify_trainable,
 )
 from axolotl_ila.architecture import block_index, fingerprint, linear_modules, module_kind
+from axolotl_ila.candidates import skeleton_model, target_candidates
 from axolotl_ila.selection import Selection
 
 
@@ -67,11 +66,11 @@ def test_skeleton_has_the_real_models_fingerprint(tiny_llama, model):
     assert fingerprint(linear_modules(skeleton)) == fingerprint(linear_modules(model))
 
 
-def test_exclude_value_merges_with_the_users_own():
+def test_peft_exclude_modules_merges_with_the_users_own():
     dropped = ("model.layers.0.mlp.up_proj",)
-    assert exclude_value(None, dropped) == ["model.layers.0.mlp.up_proj"]
-    assert exclude_value(["lm_head"], dropped) == ["lm_head", "model.layers.0.mlp.up_proj"]
-    regex = exclude_value(r".*\.k_proj", dropped)
+    assert peft_exclude_modules(None, dropped) == ["model.layers.0.mlp.up_proj"]
+    assert peft_exclude_modules(["lm_head"], dropped) == ["lm_head", "model.layers.0.mlp.up_proj"]
+    regex = peft_exclude_modules(r".*\.k_proj", dropped)
     import re
 
     assert re.fullmatch(regex, "model.layers.3.self_attn.k_proj")
@@ -88,7 +87,7 @@ def test_peft_excludes_exactly_the_dropped_modules_and_verification_passes(model
     all_names = names(fresh, lora_target_linear=True)
     dropped = [n for n in all_names if block_index(n) == 1]  # "model.layers.1.*" must not hit layers.11 etc.
     targets = sorted({n.rsplit(".", 1)[-1] for n in all_names})
-    peft_model = get_peft_model(fresh, LoraConfig(r=2, target_modules=targets, exclude_modules=exclude_value(None, tuple(dropped))))
+    peft_model = get_peft_model(fresh, LoraConfig(r=2, target_modules=targets, exclude_modules=peft_exclude_modules(None, tuple(dropped))))
     selection = _selection(all_names, dropped)
     assert adapted_modules(peft_model) == set(selection.kept)
     verify_adapters(peft_model, selection)

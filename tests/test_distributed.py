@@ -27,6 +27,12 @@ FINGERPRINT = "sha256:" + "c" * 64
 NAMES = [f"model.layers.{b}.{kind}" for b in range(3) for kind in ("self_attn.q_proj", "mlp.down_proj")]
 
 
+def main_writes_all_read(write, read):
+    """Run ``write`` on the main process only (``distributed.on_main``), then ``read`` on every process."""
+    distributed.on_main(write)
+    return read()
+
+
 def rank_ranking(rank: int) -> Ranking:
     """Each rank scores differently (rank 1 ranks the other way round)."""
     names = NAMES if rank == 0 else list(reversed(NAMES))
@@ -58,7 +64,7 @@ def _worker(rank: int, root: str, port: int) -> None:
             writes.mkdir(exist_ok=True)
             (writes / f"rank-{rank}").write_text("written")
 
-        loaded = distributed.main_writes_all_read(write, lambda: load_ranking(path))
+        loaded = main_writes_all_read(write, lambda: load_ranking(path))
         result["order"] = loaded.names
         result["search"] = loaded.search
         result["digest_agrees"] = distributed.same_on_all_ranks(file_digest(path))
@@ -71,7 +77,7 @@ def _worker(rank: int, root: str, port: int) -> None:
             raise OSError("disk full on the writer")
 
         try:
-            distributed.main_writes_all_read(failing_write, lambda: reads.append(rank))
+            main_writes_all_read(failing_write, lambda: reads.append(rank))
             result["failure"] = None
         except Exception as exc:  # noqa: BLE001 - the test inspects it
             result["failure"] = f"{type(exc).__name__}: {exc}"
@@ -85,7 +91,7 @@ def _worker(rank: int, root: str, port: int) -> None:
             save_ranking(foreign, other)
         distributed.barrier()
         try:
-            distributed.main_writes_all_read(lambda: save_ranking(mine, other), lambda: load_ranking(other))
+            main_writes_all_read(lambda: save_ranking(mine, other), lambda: load_ranking(other))
             result["refusal"] = None
         except Exception as exc:  # noqa: BLE001
             result["refusal"] = f"{type(exc).__name__}: {exc}"
@@ -170,7 +176,7 @@ def test_a_refused_write_is_raised_on_every_rank(results):
 
 def test_single_process_writes_then_reads(tmp_path):
     calls = []
-    value = distributed.main_writes_all_read(lambda: calls.append("write"), lambda: calls.append("read") or 7)
+    value = main_writes_all_read(lambda: calls.append("write"), lambda: calls.append("read") or 7)
     assert value == 7 and calls == ["write", "read"]
     assert distributed.same_on_all_ranks("anything")
     assert not distributed.is_distributed()
@@ -181,7 +187,7 @@ def test_single_process_reraises_the_original_error():
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        distributed.main_writes_all_read(write, lambda: pytest.fail("read after a failed write"))
+        main_writes_all_read(write, lambda: pytest.fail("read after a failed write"))
 
 
 def test_rank_from_environment_without_process_group(monkeypatch):

@@ -12,8 +12,9 @@ from axolotl.utils.dict import DictDefault
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, GPT2Config, Qwen3MoeConfig
 
-from axolotl_ila.application import lora_layers, skeleton_model, target_candidates
+from axolotl_ila.application import lora_layers
 from axolotl_ila.architecture import fingerprint, linear_modules, model_units
+from axolotl_ila.candidates import skeleton_model, target_candidates
 from axolotl_ila.cli import main
 from axolotl_ila.lora_update import install_gate, update_norm
 from axolotl_ila.plan import kernel_warnings

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from axolotl_ila.gates import OrderSettle, budget_shift, spearman, top_jaccard
+from axolotl_ila.analysis import top_jaccard
+from axolotl_ila.gates import OrderSettle, budget_shift, spearman
 from axolotl_ila.ranking import load_ranking
 from axolotl_ila.tiny import build_workspace, write_jsonl
 from conftest import make_config, read_json, write_config
