@@ -18,8 +18,8 @@ exists for dropped modules: memory is that of a run with a cached ranking.
 
 The dropped modules' warm-up updates are discarded: the saved adapter must be
 the whole fine-tune on its own (merging them into base weights would make the
-adapter depend on a modified base model that is not saved), and the benchmark
-in the README measures what discarding costs.
+adapter depend on a modified base model that is not saved), and
+docs/one-run.md gives what discarding costs, as measured.
 
 Before the training loads it, the checkpoint's ``trainer_state.json`` gets
 the training's own logging, evaluation and saving intervals and batch size

@@ -132,7 +132,7 @@ def kernel_warnings(cfg: Any, selection: Selection) -> list[str]:
                 f"ILA: {key} is on, but the selection keeps only some of {'/'.join(FUSED_GROUPS[group])} "
                 f"in {len(split)} blocks (e.g. {split[0]}), which axolotl then runs unfused. Set "
                 f"ila_fused_groups: true to keep or drop each group whole (the selection then follows "
-                f"the ranking less closely; see the README's Fused LoRA kernels)."
+                f"the ranking less closely; see docs/fused-kernels.md)."
             )
     return messages
 

@@ -5,8 +5,8 @@
 # model.
 #   bash benchmarks/quick.sh [OUT_DIR]
 set -euo pipefail
-cd "$(dirname "$0")"
-OUT=$(realpath -m "${1:-../bench-out/quick}")
+cd "$(dirname "$0")/.."
+OUT=$(realpath -m "${1:-bench-out/quick}")
 mkdir -p "$OUT"
 export AXOLOTL_DO_NOT_TRACK=1 HF_HUB_OFFLINE=1
 
@@ -21,6 +21,6 @@ cfg.update(max_steps=200, logging_steps=1)
 open(f"{out}/tiny/config.yml", "w").write(yaml.safe_dump(cfg, sort_keys=False))
 PY
 echo "== search cost (tiny Llama, 4 blocks, CPU)"
-python search_cost.py --config "$OUT/tiny/config.yml" --workdir "$OUT/search-cost"
+python -m benchmarks.search_cost.tiny --config "$OUT/tiny/config.yml" --workdir "$OUT/search-cost"
 echo "== memory and step time (random Llama-shaped, 8 blocks x 256 hidden, CPU)"
-python memory_speed.py --model random-llama-tiny --strategy random --device cpu --adapters lora,qlora --seq 256 --batch 4 --steps 5
+python -m benchmarks.memory_speed.run --model random-llama-tiny --strategy random --device cpu --adapters lora,qlora --seq 256 --batch 4 --steps 5

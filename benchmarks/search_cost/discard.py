@@ -1,9 +1,9 @@
 """What should become of the dropped modules' warm-up updates when the training
 continues from the warm-up: discarded (what the plugin does) or kept?
 
-    python benchmarks/discard.py --first-run bench-out/first-run [--runs manpages:1 ...]
+    python -m benchmarks.search_cost.discard --first-run bench-out/first-run [--runs manpages:1 ...]
 
-Reads the configs and selections that ``first_run.py`` left in its workdir. For
+Reads the configs and selections that ``benchmarks.search_cost.first_run`` left in its workdir. For
 each DATASET:SEED it trains SmolLM2 with axolotl's own model and trainer, LoRA on
 every linear module, with the first run's exact config (data, seed, schedule,
 ``--steps``), twice. At the step where that first run's warm-up stopped, the
@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ENV
+from benchmarks.common import ENV
 
 from axolotl_ila.ranking import write_json_atomic
 
@@ -90,7 +90,7 @@ def one(config_path: Path, selection_path: Path, switch_step: int, variant: str)
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--first-run", required=True, type=Path, help="the --workdir of benchmarks/first_run.py")
+    parser.add_argument("--first-run", required=True, type=Path, help="the --workdir of benchmarks.search_cost.first_run")
     parser.add_argument("--runs", nargs="+", default=["manpages:1"])
     parser.add_argument("--one", nargs=4, metavar=("CONFIG", "SELECTION", "STEP", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
         ranking_path = work / "rankings" / f"{name}.json"
         for path in (config_path, selection_path, ranking_path):
             if not path.exists():
-                raise SystemExit(f"--runs {item}: no {path}; run first_run.py --runs {item} --workdir {args.first_run} first")
+                raise SystemExit(f"--runs {item}: no {path}; run python -m benchmarks.search_cost.first_run --runs {item} --workdir {args.first_run} first")
         switch_step = json.loads(ranking_path.read_text(encoding="utf-8"))["search"]["stage1"]["steps"]
         for variant in VARIANTS:
             key = f"{name}|{variant}"
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
                 continue
             started = time.perf_counter()
             done = subprocess.run(
-                [sys.executable, __file__, "--first-run", str(work), "--one", str(config_path), str(selection_path), str(switch_step), variant],
+                [sys.executable, "-m", __spec__.name, "--first-run", str(work), "--one", str(config_path), str(selection_path), str(switch_step), variant],
                 capture_output=True, text=True, env=ENV,
             )
             lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]

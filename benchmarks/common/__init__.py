@@ -1,5 +1,5 @@
 """Shared pieces of the real-model benchmarks: configs for SmolLM2 and the
-datasets made by ``build_datasets.py``, and runners for searches and training
+datasets made by ``build_datasets``, and runners for searches and training
 in fresh processes (the same commands a user types)."""
 
 from __future__ import annotations
@@ -13,6 +13,19 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+# The ILA settings each quality and retention variant adds to a config; every
+# drop-25% baseline drops as many modules as ILA.
+VARIANTS = {
+    "all": {},
+    "ila drop .25": {"ila_strategy": "ila", "ila_drop_fraction": 0.25},
+    "ila keep .3": {"ila_strategy": "ila", "ila_keep_fraction": 0.3},
+    "update_norm": {"ila_strategy": "update_norm", "ila_drop_fraction": 0.25},
+    "random": {"ila_strategy": "random", "ila_drop_fraction": 0.25},
+    "first": {"ila_strategy": "first", "ila_drop_fraction": 0.25},
+    "last": {"ila_strategy": "last", "ila_drop_fraction": 0.25},
+    "mid_block": {"ila_strategy": "mid_block", "ila_drop_fraction": 0.25},
+}
 
 ENV = {**os.environ, "AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
 

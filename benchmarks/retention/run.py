@@ -1,16 +1,16 @@
 """What a fine-tune learns and what it keeps: ILA against LoRA on every module.
 
-    python benchmarks/retention_data.py --out data/retention --items 200
-    python benchmarks/retention.py --model MODEL_DIR --data DATA_DIR --dataset manpages [stdlib-docs ...] \\
+    python -m benchmarks.retention.data --out data/retention --items 200
+    python -m benchmarks.retention.run --model MODEL_DIR --data DATA_DIR --dataset manpages [stdlib-docs ...] \\
         [--retention-data data/retention] [--seeds 1 2 3] [--epochs 2] [--train-rows 256] \\
-        [--loss-rows N] [--variants all "ila drop .25" ...] [--results benchmarks/results/retention-smollm2]
+        [--loss-rows N] [--variants all "ila drop .25" ...] [--results benchmarks/retention/results/smollm2]
 
 The paper's question (Shi et al., Tables 1, 5, 8, 9): does dropping the least
 important modules keep more of what the base model knew, while learning the new
 data as well? For each dataset named by ``--dataset`` (folders of DATA_DIR), and
 every seed, it trains SmolLM2 for ``--epochs`` epochs over the first
 ``--train-rows`` rows of its train.jsonl with each variant (same learning rate,
-schedule and data order), then scores the result with ``retention_eval.py``:
+schedule and data order), then scores the result with ``benchmarks.retention.score``:
 
 - learning: held-out loss on the dataset's own eval.jsonl (in domain);
 - forgetting: held-out loss on every other dataset's eval.jsonl (out of domain),
@@ -30,7 +30,7 @@ Variants (``--variants``, default: the first five):
                        every dataset in DATA_DIR (``axolotl-ila combine``; Table 9)
 
 Rankings are DATA's own ``RANKINGS/<dataset>-seed<first seed>.json`` (as
-``stability.py`` makes them; searched here with the same settings if missing).
+``benchmarks.stability.run`` makes them; searched here with the same settings if missing).
 Resumable: every finished run writes RESULTS/<run>.json (its scores, with every
 benchmark item's 0/1 result) and a rerun skips it; a trained adapter whose
 scoring was interrupted is scored without retraining. ``--report`` prints the
@@ -46,10 +46,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import combine, config, search_ranking, train
-from quality import VARIANTS as DROP_VARIANTS
-from retention_eval import TASKS, alpaca_rows, evaluate
-from retention_stats import report, summary
+from benchmarks.common import VARIANTS as DROP_VARIANTS
+from benchmarks.common import combine, config, search_ranking, train
+from benchmarks.retention.score import TASKS, alpaca_rows, evaluate
+from benchmarks.retention.stats import report, summary
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -124,13 +124,13 @@ def check_scored_alike(path: Path, args) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, type=Path)
-    parser.add_argument("--data", required=True, type=Path, help="folder of datasets from build_datasets.py")
+    parser.add_argument("--data", required=True, type=Path, help="folder of datasets from benchmarks.common.build_datasets")
     parser.add_argument("--dataset", "--datasets", dest="datasets", nargs="+", required=True, help="the folders of DATA to train on, one study each")
     parser.add_argument("--retention-data", type=Path, default=Path("data/retention"))
     parser.add_argument("--tasks", nargs="*", default=list(TASKS))
     parser.add_argument("--rankings", type=Path, help="folder of <dataset>-seed<N>.json rankings (default: WORKDIR/rankings)")
     parser.add_argument("--workdir", type=Path, default=Path("bench-out/retention"))
-    parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "results" / "retention-smollm2")
+    parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "results" / "smollm2")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--train-rows", type=int, default=256)
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"--dataset {name!r} is not a dataset folder of {args.data} ({', '.join(d.name for d in datasets)})")
     for task in args.tasks:  # fail before hours of training, not after
         if not (args.retention_data / f"{task.removeprefix('ila_')}.jsonl").exists():
-            raise SystemExit(f"no {args.retention_data / task.removeprefix('ila_')}.jsonl; run benchmarks/retention_data.py --out {args.retention_data}")
+            raise SystemExit(f"no {args.retention_data / task.removeprefix('ila_')}.jsonl; run python -m benchmarks.retention.data --out {args.retention_data}")
 
     def score(name: str, adapter: Path | None, meta: dict[str, Any]) -> None:
         out = args.results / f"{name}.json"

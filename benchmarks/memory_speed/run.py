@@ -1,7 +1,7 @@
 """Memory and step time: LoRA on every linear module versus ILA's selections.
 
-    python benchmarks/memory_speed.py --model DIR --ranking RANKING.json
-    python benchmarks/memory_speed.py --model random-llama-1b --strategy random
+    python -m benchmarks.memory_speed.run --model DIR --ranking RANKING.json
+    python -m benchmarks.memory_speed.run --model random-llama-1b --strategy random
 
 Each variant runs in a fresh subprocess (so peak memory is its own): the model is
 loaded, PEFT LoRA is applied the way the plugin applies it (every linear module
@@ -266,7 +266,7 @@ def main(argv=None) -> int:
     rows = []
     for adapter in args.adapters.split(","):
         for label, drop, keep in VARIANTS:
-            cmd = [sys.executable, __file__, "--one", "--model", args.model, "--adapter", adapter, "--strategy", args.strategy,
+            cmd = [sys.executable, "-m", __spec__.name, "--one", "--model", args.model, "--adapter", adapter, "--strategy", args.strategy,
                    "--device", args.device, "--seq", str(args.seq), "--batch", str(args.batch), "--steps", str(args.steps), "--rank", str(args.rank)]
             cmd += ["--ranking", args.ranking] if args.ranking else []
             cmd += ["--profile"] if args.profile else []

@@ -1,7 +1,7 @@
 """What the first run costs: ILA's search inside the training run, against the same
 run with the ranking already present.
 
-    python benchmarks/first_run.py --model MODEL_DIR --data DATA_DIR [--steps 300] [--micro-batch-size 2] [--runs manpages:1 ...]
+    python -m benchmarks.search_cost.first_run --model MODEL_DIR --data DATA_DIR [--steps 300] [--micro-batch-size 2] [--runs manpages:1 ...]
 
 For every DATASET:SEED in ``--runs`` (each one resumable: a finished part is kept
 in WORKDIR/results.json and skipped on a rerun), on SmolLM2 with LoRA, drop 25%:
@@ -38,7 +38,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import config, last_metric, run, search, train
+from benchmarks.common import config, last_metric, run, search, train
 
 from axolotl_ila.ranking import write_json_atomic
 
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
         dataset_name, _, seed = item.partition(":")
         dataset = args.data / dataset_name
         if not (dataset / "train.jsonl").exists():
-            raise SystemExit(f"--runs {item}: no {dataset / 'train.jsonl'}; build the datasets with benchmarks/setup.sh")
+            raise SystemExit(f"--runs {item}: no {dataset / 'train.jsonl'}; build the datasets with bash benchmarks/common/setup.sh")
         rows.append((item, study(args.model.resolve(), dataset.resolve(), int(seed), args.steps, args.micro_batch_size, work, results)))
 
     print(f"\nmodel {args.model}, {args.steps} planned steps, micro-batch {args.micro_batch_size} x 128 tokens, LoRA r=8, drop 25%")

@@ -1,6 +1,6 @@
 """Three instruction datasets of real human-written text, built offline.
 
-    python benchmarks/build_datasets.py --out data/bench [--seed 0]
+    python -m benchmarks.common.build_datasets --out data/bench [--seed 0]
 
 Sources on every machine that runs this project (no download):
 

@@ -3,11 +3,11 @@
 # installs what the benchmarks use and nothing else, with nothing built from
 # source, then prepares models/smollm2-135m and builds data/bench at the repo
 # root. Safe to rerun: each step skips what is already done.
-#   bash benchmarks/setup.sh           # install, prepare the model, build the datasets
-#   bash benchmarks/setup.sh --check   # only ask pip whether the install step would
+#   bash benchmarks/common/setup.sh           # install, prepare the model, build the datasets
+#   bash benchmarks/common/setup.sh --check   # only ask pip whether the install step would
 #                                      # compile anything (CI); installs nothing
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 MODEL=models/smollm2-135m
 DATA=data/bench
@@ -18,7 +18,7 @@ PIP_MODE=()
 if [[ "${1:-}" == "--check" ]]; then
   PIP_MODE=(--dry-run --ignore-installed --quiet)
 elif [[ $# -gt 0 ]]; then
-  echo "usage: bash benchmarks/setup.sh [--check]" >&2
+  echo "usage: bash benchmarks/common/setup.sh [--check]" >&2
   exit 2
 fi
 pip_install() {
@@ -51,15 +51,15 @@ echo "== SmolLM2-135M-Instruct -> $MODEL"
 if [[ -f $MODEL/config.json && -f $MODEL/model.safetensors ]]; then
   echo "already prepared; skipped (remove $MODEL to redo it)"
 else
-  # prepare_smollm2.py writes a .tmp folder and renames it; it refuses a non-empty
+  # prepare_smollm2 writes a .tmp folder and renames it; it refuses a non-empty
   # folder that is not a prepared model rather than replace it.
-  python benchmarks/prepare_smollm2.py --out "$MODEL"
+  python -m benchmarks.common.prepare_smollm2 --out "$MODEL"
 fi
 
 echo "== datasets -> $DATA"
-complete=$(cd benchmarks && python -c "
-import sys; from pathlib import Path; from build_datasets import SIZES
-print(all((Path(sys.argv[1]) / n / f).is_file() for n in SIZES for f in ('train.jsonl', 'eval.jsonl')))" "../$DATA")
+complete=$(python -c "
+import sys; from pathlib import Path; from benchmarks.common.build_datasets import SIZES
+print(all((Path(sys.argv[1]) / n / f).is_file() for n in SIZES for f in ('train.jsonl', 'eval.jsonl')))" "$DATA")
 if [[ $complete == True ]]; then
   echo "already built; skipped (remove $DATA to redo it)"
 elif [[ -e $DATA ]]; then
@@ -68,7 +68,7 @@ elif [[ -e $DATA ]]; then
 else
   # Build next to the target, then rename: a half-built folder never has the final name.
   rm -rf "$DATA.tmp"
-  python benchmarks/build_datasets.py --out "$DATA.tmp"
+  python -m benchmarks.common.build_datasets --out "$DATA.tmp"
   mv "$DATA.tmp" "$DATA"
 fi
-echo "setup done: $MODEL and $DATA are ready for the benchmark commands in README.md"
+echo "setup done: $MODEL and $DATA are ready for the commands in benchmarks/*/README.md"

@@ -1,14 +1,14 @@
 """Score one model (a base folder, optionally with a LoRA adapter) for the retention study.
 
-    python benchmarks/retention_eval.py --model MODEL_DIR [--adapter RUN_DIR] \\
+    python -m benchmarks.retention.score --model MODEL_DIR [--adapter RUN_DIR] \\
         --retention-data data/retention --tasks ila_arc_easy ila_piqa \\
         --loss-data data/bench/manpages data/bench/stdlib-docs --out scores.json
 
 Two kinds of numbers:
 
 - benchmarks: lm-eval (lm-evaluation-harness) runs the task definitions in
-  ``benchmarks/retention_tasks/`` over the jsonl subsets that
-  ``retention_data.py`` wrote, scoring each choice by its log-likelihood
+  ``benchmarks/retention/tasks/`` over the jsonl subsets that
+  ``benchmarks.retention.data`` wrote, scoring each choice by its log-likelihood
   (acc, and acc_norm: length-normalised). Every item's 0/1 result is kept so
   that two variants can be compared item by item.
 - held-out loss: mean negative log-likelihood per response token of each
@@ -26,7 +26,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-TASKS_DIR = Path(__file__).resolve().parent / "retention_tasks"
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 TASKS = ("ila_hellaswag", "ila_arc_easy", "ila_arc_challenge", "ila_piqa", "ila_mmlu")
 
 
@@ -57,7 +57,7 @@ def benchmark_scores(model, tokenizer, tasks: list[str], data_dir: Path, batch_s
     for task in tasks:
         path = (data_dir / f"{task.removeprefix('ila_')}.jsonl").resolve()
         if not path.exists():
-            raise SystemExit(f"no benchmark data {path}; run benchmarks/retention_data.py --out {data_dir}")
+            raise SystemExit(f"no benchmark data {path}; run python -m benchmarks.retention.data --out {data_dir}")
         specs.append({"task": task, "dataset_kwargs": {"data_files": {"test": str(path)}}})
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu")
     out = simple_evaluate(

@@ -1,9 +1,9 @@
 """Do rankings hold still? Seeds, datasets and warm-up length, on a real model.
 
-    python benchmarks/stability.py --model MODEL_DIR --data DATA_DIR [--workdir DIR]
+    python -m benchmarks.stability.run --model MODEL_DIR --data DATA_DIR [--workdir DIR]
 
-MODEL_DIR is the SmolLM2 folder from ``prepare_smollm2.py``; DATA_DIR holds the
-datasets from ``build_datasets.py`` (one folder each, with train/eval.jsonl).
+MODEL_DIR is the SmolLM2 folder from ``benchmarks.common.prepare_smollm2``; DATA_DIR holds the
+datasets from ``benchmarks.common.build_datasets`` (one folder each, with train/eval.jsonl).
 Runs ``axolotl-ila search`` for
 
 - three seeds on the first dataset,
@@ -22,7 +22,7 @@ import argparse
 import time
 from pathlib import Path
 
-from common import compare, search_ranking
+from benchmarks.common import compare, search_ranking
 
 MILESTONES = (1, 25, 50, 75, 100)
 
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     work = args.workdir.resolve()
     datasets = sorted(p for p in args.data.iterdir() if (p / "train.jsonl").exists())
     if len(datasets) < 2:
-        raise SystemExit(f"need at least two datasets in {args.data}; run build_datasets.py")
+        raise SystemExit(f"need at least two datasets in {args.data}; run bash benchmarks/common/setup.sh")
     rankings = work / "rankings"
     rankings.mkdir(parents=True, exist_ok=True)
     def ranking(name: str, dataset: Path, seed: int, warmup: int) -> Path:
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
         for m in MILESTONES
     ]
 
-    print(f"\nmodel {args.model}, warm-up {args.warmup_steps} steps, {args.gate_steps} gate steps, CPU settings in benchmarks/common.py")
+    print(f"\nmodel {args.model}, warm-up {args.warmup_steps} steps, {args.gate_steps} gate steps, CPU settings in benchmarks/common")
     print_matrix(f"across seeds ({first.name})", compare(by_seed))
     print_matrix(f"across datasets (seed {seed0})", compare(by_data))
     print_matrix(f"across warm-up milestones {', '.join(f'{m}%' for m in MILESTONES)} ({first.name}, seed {seed0})", compare(by_length))

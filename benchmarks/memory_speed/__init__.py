@@ -1,0 +1,1 @@
+"""Memory and step time of all-module LoRA against ILA's selections."""

@@ -1,0 +1,1 @@
+"""Held-out loss after equal training: ILA against all-module LoRA and the baselines."""

@@ -1,0 +1,1 @@
+"""Learning and forgetting: what a fine-tune learns and what it keeps."""

@@ -1,0 +1,1 @@
+"""What the search costs: the first run against a run with the ranking present."""

@@ -1,0 +1,1 @@
+"""Do rankings hold still across seeds, datasets and warm-up length?"""
