@@ -108,9 +108,8 @@ def freeze_dropped(model: torch.nn.Module, selection: Selection) -> None:
             param.requires_grad_(False)
 
 
-def verify_trainable(model: torch.nn.Module, selection: Selection) -> None:
-    """Full fine-tuning: among the candidates, exactly the kept ones train."""
-    candidates = set(selection.kept) | set(selection.dropped)
+def trainable_units(model: torch.nn.Module, candidates: set[str]) -> set[str]:
+    """The candidate units (modules, expert parameters) with a weight that trains."""
     actual = set()
     for name, module in model.named_modules():
         base = strip_peft_prefix(name)
@@ -119,6 +118,12 @@ def verify_trainable(model: torch.nn.Module, selection: Selection) -> None:
         for param_name, param in module.named_parameters(recurse=False):
             if f"{base}.{param_name}" in candidates and param.requires_grad:
                 actual.add(f"{base}.{param_name}")
+    return actual
+
+
+def verify_trainable(model: torch.nn.Module, selection: Selection) -> None:
+    """Full fine-tuning: among the candidates, exactly the kept ones train."""
+    actual = trainable_units(model, set(selection.kept) | set(selection.dropped))
     expected = set(selection.kept)
     if actual != expected:
         raise ApplicationError(_mismatch("trainable", expected, actual))

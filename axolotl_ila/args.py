@@ -7,13 +7,13 @@ check here runs at config load, before any dataset or weight is touched.
 from __future__ import annotations
 
 import difflib
-import json
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from axolotl_ila.hub import is_hub_path, parse_hub_path
+from axolotl_ila.engines import continuation_refusal, engine_refusal
+from axolotl_ila.preference import unsupported_message
 from axolotl_ila.selection import RANKED_STRATEGIES, STRATEGIES
 
 SUPPORTED_ADAPTERS = (None, "lora", "qlora")
@@ -99,7 +99,8 @@ class ILAArgs(BaseModel):
         json_schema_extra={
             "description": "true: the training continues from the search's warm-up (one run); false: it starts "
             "from fresh adapters after the search (the paper's two runs). Default: true for LoRA/QLoRA "
-            "without FSDP/DeepSpeed, false otherwise."
+            "on one process, DDP and FSDP2 with fsdp_config.state_dict_type: SHARDED_STATE_DICT, false "
+            "otherwise (full fine-tuning, lora_target_parameters, FSDP2 with FULL_STATE_DICT, its default)."
         },
     )
     ila_search_learning_rate: float | None = Field(
@@ -196,6 +197,10 @@ def check_combination(data: dict[str, Any]) -> None:
             "set either ila_drop_fraction (drop the least important) or ila_keep_fraction "
             "(keep only the most important), not both"
         )
+    rl = data.get("rl")
+    refusal = unsupported_message(str(getattr(rl, "value", rl))) if rl else None
+    if refusal:
+        raise ValueError(refusal)
     adapter = data.get("adapter") or None
     if adapter not in SUPPORTED_ADAPTERS:
         raise ValueError(
@@ -217,6 +222,9 @@ def check_combination(data: dict[str, Any]) -> None:
             f"upload it with `hf upload OWNER/REPO rankings/NAME.json rankings/NAME.json`, and use the hf:// "
             f"path with ila_search: auto or never."
         )
+    refusal = engine_refusal(data)
+    if refusal:
+        raise ValueError(refusal)
     check_continuation(data, adapter)
     spectrum = [p for p in data.get("plugins") or [] if _is_spectrum(p)]
     if spectrum:
@@ -228,16 +236,6 @@ def check_combination(data: dict[str, Any]) -> None:
         raise ValueError(
             "unfrozen_parameters and axolotl_ila.ILAPlugin both decide what full fine-tuning "
             "trains; remove one of them"
-        )
-    if adapter is None and _fsdp_without_orig_params(data.get("fsdp_config")):
-        raise ValueError(
-            "full fine-tuning with ILA freezes some linear weights, which FSDP only allows "
-            "with fsdp_config.use_orig_params: true"
-        )
-    if adapter is None and _deepspeed_stage(data.get("deepspeed")) == 3:
-        raise ValueError(
-            "full fine-tuning with ILA freezes some linear weights, which DeepSpeed ZeRO-3 "
-            "does not handle reliably; use ZeRO-2, FSDP (use_orig_params: true) or LoRA"
         )
 
 
@@ -252,24 +250,23 @@ def output_dir(cfg: Any) -> str:
     return cfg.output_dir or "./model-out"
 
 
-def is_sharded(config: Any) -> bool:
-    """FSDP or DeepSpeed shard the optimizer state (raw config dict or axolotl's cfg)."""
-    return bool(config.get("fsdp_config") or config.get("fsdp") or config.get("deepspeed"))
-
-
 def continues_by_default(config: Any) -> bool:
     """``ila_continue``'s default (raw config dict or axolotl's cfg): true for
     LoRA/QLoRA, false for full fine-tuning (the warm-up's LoRA is not the
-    training's), for FSDP and DeepSpeed (their optimizer state is sharded) and
-    for LoRA on expert parameters (``lora_target_parameters``, whose handover
-    is not built yet)."""
-    return bool(config.get("adapter")) and not is_sharded(config) and not config.get("lora_target_parameters")
+    training's), for LoRA on expert parameters (``lora_target_parameters``,
+    whose handover is not built yet) and where the engine cannot resume from
+    the warm-up (``engines.continuation_refusal``: FSDP2 with FULL_STATE_DICT)."""
+    return (
+        bool(config.get("adapter"))
+        and not continuation_refusal(config)
+        and not config.get("lora_target_parameters")
+    )
 
 
 def check_continuation(data: dict[str, Any], adapter: str | None) -> None:
     """Continuing from the warm-up needs the warm-up's LoRA to be the training's."""
     wanted = data.get("ila_continue")
-    sharded = is_sharded(data)
+    engine_reason = continuation_refusal(data)
     if wanted and adapter is None:
         raise ValueError(
             "ila_continue: true needs adapter: lora or qlora; full fine-tuning cannot continue from the "
@@ -280,10 +277,10 @@ def check_continuation(data: dict[str, Any], adapter: str | None) -> None:
             "ila_continue: true is not supported with lora_target_parameters (LoRA on expert parameters) "
             "yet; set ila_continue: false, or remove it (the default then trains afresh after the search)."
         )
-    if wanted and sharded:
+    if wanted and engine_reason:
         raise ValueError(
-            "ila_continue: true is not supported with FSDP or DeepSpeed (their optimizer state is sharded); "
-            "set ila_continue: false, or remove it (the default then trains afresh after the search)."
+            f"ila_continue: true cannot work here: {engine_reason}; or set ila_continue: false, or remove it "
+            f"(the default then trains afresh after the search)."
         )
     if wanted is False or not continues_by_default(data):
         return
@@ -302,26 +299,3 @@ def _is_spectrum(plugin: Any) -> bool:
     Refused with LoRA too: there its patterns match no PEFT name and nothing trains.
     """
     return isinstance(plugin, str) and plugin.rsplit(".", 1)[-1] == "SpectrumPlugin"
-
-
-def _fsdp_without_orig_params(fsdp: Any) -> bool:
-    """axolotl accepts both ``use_orig_params`` and the older ``fsdp_use_orig_params``."""
-    if not isinstance(fsdp, dict):
-        return False
-    return fsdp.get("use_orig_params", fsdp.get("fsdp_use_orig_params")) is False
-
-
-def _deepspeed_stage(deepspeed: Any) -> int | None:
-    """ZeRO stage of a DeepSpeed config given as a dict or a JSON file path."""
-    if isinstance(deepspeed, (str, Path)):
-        path = Path(deepspeed)
-        if not path.is_file():
-            return 3 if "zero3" in path.name else None  # axolotl's bundled names, e.g. deepspeed_configs/zero3.json
-        try:
-            deepspeed = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None  # axolotl reports an unreadable DeepSpeed file itself
-    if isinstance(deepspeed, dict):
-        stage = (deepspeed.get("zero_optimization") or {}).get("stage")
-        return int(stage) if isinstance(stage, (int, str)) and str(stage).isdigit() else None
-    return None

@@ -106,6 +106,10 @@ def show_text(ranking: Ranking, selection: Selection, path: str | Path, top: int
     data = (search.get("data") or {}).get("datasets")
     if data:
         lines.append("data      " + ", ".join(str(d.get("path")) for d in data))
+    loss = search.get("loss")
+    if loss:
+        coefficients = ", ".join(f"{k} {v}" for k, v in loss.items() if k != "method" and v is not None)
+        lines.append(f"loss      {loss.get('method')}" + (f" ({coefficients})" if coefficients else ""))
     for stage in ("stage1", "stage2"):
         info = search.get(stage)
         if info:

@@ -21,6 +21,17 @@ the whole fine-tune on its own (merging them into base weights would make the
 adapter depend on a modified base model that is not saved), and
 docs/one-run.md gives what discarding costs, as measured.
 
+Under FSDP2 the LoRA weights and their AdamW moments are DTensors, each rank
+holding a shard, and the engine resumes from its own checkpoint layout
+(``fsdp_config.state_dict_type: SHARDED_STATE_DICT``, FSDP2's default): the
+kept modules' shards are written with ``torch.distributed.checkpoint`` by every
+rank into ``pytorch_model_fsdp_0/`` and ``optimizer_0/``, exactly where
+accelerate's ``load_fsdp_model`` / ``load_fsdp_optimizer`` read them, and the
+rest as above. ``FULL_STATE_DICT`` cannot take the handover: there the engine
+saves and reloads a LoRA adapter as rank 0's shards only (accelerate's
+``save_fsdp_model(adapter_only=True)`` pickles the DTensors rank 0 holds), so a
+resume would not restore the warm-up on the other ranks.
+
 Before the training loads it, the checkpoint's ``trainer_state.json`` gets
 the training's own logging, evaluation and saving intervals and batch size
 (``align_with_training``): the warm-up logged every step and saved nothing.
@@ -51,6 +62,9 @@ LOG = logging.getLogger("axolotl.ila")
 
 HANDOFF_NAME = "ila_handoff.json"
 ADAPTER_FILE = "adapter_model.safetensors"
+# Where accelerate's FSDP resume reads a SHARDED_STATE_DICT checkpoint (FSDP_MODEL_NAME, OPTIMIZER_NAME).
+FSDP_MODEL_DIR = "pytorch_model_fsdp_0"
+FSDP_OPTIMIZER_DIR = "optimizer_0"
 
 
 class HandoffError(RuntimeError):
@@ -60,6 +74,54 @@ class HandoffError(RuntimeError):
 def lora_module_of(param_name: str) -> str:
     """``base_model.model.<module>.lora_A.default.weight`` -> ``<module>``."""
     return strip_peft_prefix(param_name.split(".lora_")[0])
+
+
+def is_sharded(tensor: Any) -> bool:
+    """A DTensor: FSDP2 keeps a shard of it on each rank."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor, on the CPU. For a DTensor this is a collective: every
+    rank must call it, for the same tensors in the same order."""
+    tensor = tensor.detach()
+    if is_sharded(tensor):
+        tensor = tensor.full_tensor()
+    return tensor.cpu().clone()
+
+
+@dataclass
+class ShardedWarmState:
+    """FSDP2: this rank's shards of the warm-up's LoRA weights (PEFT's saved
+    keys) and optimizer state (``get_optimizer_state_dict``: parameter names)."""
+
+    adapter: dict[str, Any]
+    optimizer: dict[str, Any]
+
+    @classmethod
+    def capture(cls, model: Any, optimizer: Any, adapter: dict[str, Any]) -> "ShardedWarmState":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=False))
+        state = {
+            "state": {n: {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in s.items()} for n, s in state["state"].items()},
+            "param_groups": [dict(group) for group in state["param_groups"]],
+        }
+        return cls(adapter={k: v.detach().clone() for k, v in adapter.items()}, optimizer=state)
+
+    def kept_only(self, kept: set[str]) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+        """The kept modules' shards: adapter, optimizer state dict, and the
+        optimizer's parameter names in order."""
+        adapter = {k: v for k, v in self.adapter.items() if lora_module_of(k) in kept}
+        groups, names = [], []
+        for group in self.optimizer["param_groups"]:
+            members = [n for n in group["params"] if lora_module_of(n) in kept]
+            names.extend(members)
+            groups.append({**group, "params": members})
+        state = {n: s for n, s in self.optimizer["state"].items() if lora_module_of(n) in kept}
+        return adapter, {"state": state, "param_groups": groups}, names
 
 
 @dataclass
@@ -73,6 +135,7 @@ class WarmState:
     optimizer_state: dict[str, dict[str, Any]]  # parameter name -> its state
     scheduler: dict[str, Any]
     trainer_state: dict[str, Any]
+    sharded: ShardedWarmState | None = None  # FSDP2: this rank's shards, for the engine's resume
 
     @classmethod
     def capture(cls, trainer: Any) -> "WarmState":
@@ -80,13 +143,20 @@ class WarmState:
         from transformers import TrainerControl
 
         model = trainer.model
-        adapter = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+        peft_state = get_peft_model_state_dict(model)
+        # Whole tensors on every rank (a collective under FSDP2: every rank captures).
+        adapter = {k: full(v) for k, v in peft_state.items()}
         name_of = {id(p): n for n, p in model.named_parameters()}
         optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
+        sharded = None
+        if any(is_sharded(v) for v in peft_state.values()):
+            sharded = ShardedWarmState.capture(model, optimizer, peft_state)
         groups, state = [], {}
         for group in optimizer.param_groups:
             names = [name_of[id(p)] for p in group["params"]]
             groups.append({**{k: v for k, v in group.items() if k != "params"}, "names": names})
+            if sharded is not None:
+                continue  # the optimizer state travels as shards
             for p, n in zip(group["params"], names):
                 if p in optimizer.state:
                     state[n] = {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for k, v in optimizer.state[p].items()}
@@ -104,6 +174,7 @@ class WarmState:
             optimizer_state=state,
             scheduler=trainer.lr_scheduler.state_dict(),
             trainer_state=trainer_state,
+            sharded=sharded,
         )
 
     def optimizer_state_dict(self, kept: set[str]) -> tuple[dict[str, Any], list[str]]:
@@ -125,41 +196,89 @@ def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / f"checkpoint-{step}"
 
 
-def write_checkpoint(warm: WarmState, kept: list[str], dropped: list[str], output_dir: str | Path, exclude: Any) -> Path:
-    """Write the warm-up state of the kept modules as ``checkpoint-<step>``,
-    atomically (a temp folder, then rename). Main process only."""
-    from safetensors.torch import save_file
-
-    final = checkpoint_dir(output_dir, warm.step)
+def _check_free(final: Path, output_dir: str | Path) -> None:
     if final.exists():
         raise HandoffError(
             f"{final} already exists, from an earlier run in output_dir {output_dir}; the warm-up "
             f"cannot hand over to the training there. Use a fresh output_dir, or resume that run "
             f"(auto_resume_from_checkpoints: true)."
         )
+
+
+def _write_common(warm: WarmState, kept: list[str], dropped: list[str], folder: Path, exclude: Any, names: list[str]) -> None:
+    """The adapter, scheduler, trainer state and handover record, into ``folder``."""
+    from safetensors.torch import save_file
+
     kept_set = set(kept)
     adapter = {k: v.contiguous() for k, v in warm.adapter.items() if lora_module_of(k) in kept_set}
     missing = kept_set - {lora_module_of(k) for k in adapter}
     if missing:
         raise HandoffError(f"the warm-up has no LoRA weights for {len(missing)} kept modules, e.g. {sorted(missing)[0]}")
-    optimizer, names = warm.optimizer_state_dict(kept_set)
+    save_file(adapter, str(folder / ADAPTER_FILE), metadata={"format": "pt"})
+    write_json_atomic(folder / "adapter_config.json", {**warm.adapter_config, "exclude_modules": exclude})
+    torch.save(warm.scheduler, folder / "scheduler.pt")
+    write_json_atomic(folder / "trainer_state.json", warm.trainer_state)
+    write_json_atomic(
+        folder / HANDOFF_NAME,
+        {"step": warm.step, "kept": list(kept), "dropped": list(dropped), "optimizer_params": names},
+    )
+
+
+def write_checkpoint(warm: WarmState, kept: list[str], dropped: list[str], output_dir: str | Path, exclude: Any) -> Path:
+    """Write the warm-up state of the kept modules as ``checkpoint-<step>``,
+    atomically (a temp folder, then rename). Main process only; for a sharded
+    warm-up (FSDP2) every process calls ``write_sharded_checkpoint`` instead."""
+    final = checkpoint_dir(output_dir, warm.step)
+    _check_free(final, output_dir)
+    optimizer, names = warm.optimizer_state_dict(set(kept))
     tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        save_file(adapter, str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
-        write_json_atomic(tmp / "adapter_config.json", {**warm.adapter_config, "exclude_modules": exclude})
+        _write_common(warm, kept, dropped, tmp, exclude, names)
         torch.save(optimizer, tmp / "optimizer.pt")
-        torch.save(warm.scheduler, tmp / "scheduler.pt")
-        write_json_atomic(tmp / "trainer_state.json", warm.trainer_state)
-        write_json_atomic(
-            tmp / HANDOFF_NAME,
-            {"step": warm.step, "kept": list(kept), "dropped": list(dropped), "optimizer_params": names},
-        )
         tmp.rename(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return final
+
+
+def write_sharded_checkpoint(warm: WarmState, kept: list[str], dropped: list[str], output_dir: str | Path, exclude: Any) -> Path:
+    """FSDP2: every process writes its shards of the kept modules' LoRA weights
+    and optimizer state with ``torch.distributed.checkpoint``, in the layout of
+    accelerate's SHARDED_STATE_DICT checkpoints; the main process adds the rest
+    and renames the temp folder. Called by every process."""
+    import torch.distributed.checkpoint as dcp
+
+    from axolotl_ila.distributed import barrier, on_main
+
+    assert warm.sharded is not None
+    final = checkpoint_dir(output_dir, warm.step)
+    tmp = final.with_name(f".{final.name}.sharded.tmp")  # one name for every rank
+
+    def prepare() -> None:
+        _check_free(final, output_dir)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+
+    on_main(prepare)  # the main process's error stops every rank
+    adapter, optimizer, names = warm.sharded.kept_only(set(kept))
+    try:
+        dcp.save({"model": adapter}, storage_writer=dcp.FileSystemWriter(str(tmp / FSDP_MODEL_DIR)))
+        dcp.save({"optimizer": optimizer}, storage_writer=dcp.FileSystemWriter(str(tmp / FSDP_OPTIMIZER_DIR)))
+    finally:
+        barrier()
+
+    def finish() -> None:
+        try:
+            _write_common(warm, kept, dropped, tmp, exclude, names)
+            tmp.rename(final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    on_main(finish)
     return final
 
 
@@ -257,9 +376,9 @@ def handoff_check_callback(output_dir: str | Path, expected: str | Path | None):
             params = dict(model.named_parameters())
             by_saved_key = {k.replace(".default.", ".", 1): p for k, p in params.items() if ".lora_" in k}
             saved = load_file(str(checkpoint / ADAPTER_FILE))
-            for key, tensor in saved.items():
+            for key, tensor in saved.items():  # the file's order: the same on every rank
                 param = by_saved_key.get(key)
-                if param is None or not torch.equal(param.detach().cpu().to(tensor.dtype), tensor):
+                if param is None or not torch.equal(full(param).to(tensor.dtype), tensor):
                     raise HandoffError(
                         f"ILA: the training's LoRA weight {key} is not the warm-up's ({checkpoint}); the "
                         f"handover failed. Set ila_continue: false to train from fresh adapters."

@@ -22,6 +22,7 @@ from axolotl_ila.args import output_dir
 from axolotl_ila.architecture import fingerprint, model_units
 from axolotl_ila.candidates import nothing_targeted_message, skeleton_model, target_candidates, user_excludes
 from axolotl_ila.distributed import is_main_process, on_main, same_on_all_ranks
+from axolotl_ila.engines import continuation_refusal
 from axolotl_ila.hub import is_hub_path
 from axolotl_ila.ranking import (
     Ranking,
@@ -295,6 +296,9 @@ def find_or_search_ranking(
     if run_search is None:
         raise RankingError(f"no ranking at {path} and no search available in this context.")
     continuing = training and continues_training(cfg)
+    engine_reason = continuation_refusal(cfg)
+    if training and cfg.adapter and cfg.ila_continue is None and engine_reason and is_main_process():
+        LOG.warning("ILA: the training will start afresh after the search (ila_continue defaults to false here): %s", engine_reason)
     result = run_search(cfg, info, continuing)
     path = on_main(lambda: save_searched(result.ranking, path, output_dir(cfg)))
     ranking = load_ranking(path)
@@ -317,22 +321,21 @@ def hand_over(cfg: Any, plan: Plan, warm: Any) -> Path:
     checkpoint (main process), with the selection record beside it, so that a
     run killed from here on resumes with this selection; every rank then
     resumes from it."""
-    from axolotl_ila.handoff import checkpoint_dir, write_checkpoint
+    from axolotl_ila.handoff import checkpoint_dir, write_checkpoint, write_sharded_checkpoint
 
     out = output_dir(cfg)
     selection = plan.selection
+    args = (warm, list(selection.kept), list(selection.dropped), out)
+    exclude = peft_exclude_modules(user_excludes(cfg), selection.dropped)
 
     def write() -> None:
         write_record(plan, out)
-        write_checkpoint(
-            warm,
-            list(selection.kept),
-            list(selection.dropped),
-            out,
-            exclude=peft_exclude_modules(user_excludes(cfg), selection.dropped),
-        )
+        if warm.sharded is None:
+            write_checkpoint(*args, exclude=exclude)
 
     on_main(write)
+    if warm.sharded is not None:  # FSDP2: every rank writes its shards
+        write_sharded_checkpoint(*args, exclude=exclude)
     checkpoint = checkpoint_dir(out, warm.step)
     LOG.info(
         "ILA: the training continues from the warm-up's step %d (%s), with adapters on the %d kept modules only",

@@ -16,6 +16,10 @@ Hook order in ``axolotl.cli.train``:
                       selection to the model card transformers writes
     post_train        the training finished: remove a warm-up checkpoint that a
                       run without checkpoints (save_strategy: no) no longer needs
+
+Preference training (``rl:``) applies and verifies at ``post_trainer_create``
+only: there TRL has wrapped the policy (dpo, ipo, kto), and the reference model
+axolotl may load through the same hooks is told apart (see ``preference``).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from axolotl_ila.candidates import keep_users_own, user_excludes
 from axolotl_ila.distributed import is_main_process, on_main
 from axolotl_ila.handoff import align_with_training, handoff_check_callback, handoff_checkpoints, remove_after_training
 from axolotl_ila.plan import ModelInfo, Plan, kernel_warnings, model_card_note, resolve_plan, write_record
+from axolotl_ila.preference import method, verify_reference
 from axolotl_ila.search_config import IN_SEARCH_KEY
 from axolotl_ila.selection import RANKED_STRATEGIES
 
@@ -46,8 +51,10 @@ LOG = logging.getLogger("axolotl.ila")
 
 
 def _load_datasets(cfg: Any) -> Any:
-    from axolotl.common.datasets import load_datasets
+    from axolotl.common.datasets import load_datasets, load_preference_datasets
 
+    if cfg.rl:
+        return load_preference_datasets(cfg=cfg)
     return load_datasets(cfg=cfg)
 
 
@@ -127,13 +134,20 @@ class ILAPlugin(BasePlugin):
         if cfg.get(IN_SEARCH_KEY):
             return
         plan = self._ensure_plan(cfg)
+        if cfg.rl:
+            # This may be the reference model, and for dpo/ipo/kto the policy has
+            # no adapters yet: both are handled in post_trainer_create.
+            return
         if cfg.adapter:
             verify_adapters(model, plan.selection)
         else:
             freeze_dropped(model, plan.selection)
             verify_trainable(model, plan.selection)
+        self._record(cfg)
+
+    def _record(self, cfg) -> None:
         if is_main_process():
-            path = write_record(plan, output_dir(cfg))
+            path = write_record(self.plan, output_dir(cfg))
             LOG.info("ILA: selection recorded in %s", path)
 
     def add_callbacks_pre_trainer(self, cfg, model):
@@ -147,10 +161,13 @@ class ILAPlugin(BasePlugin):
             return
         if self._handoff_check is not None:
             self._handoff_check.trainer = trainer
-        if not cfg.adapter:
-            verify_trainable(trainer.model, self.plan.selection)
-        else:
+        if cfg.rl:
+            self._apply_to_preference_trainer(cfg, trainer)
+        elif cfg.adapter:
             verify_adapters(trainer.model, self.plan.selection)
+        else:
+            verify_trainable(trainer.model, self.plan.selection)
+        if cfg.adapter:
             batch_size = getattr(trainer, "_train_batch_size", None)
 
             def align() -> None:
@@ -168,6 +185,25 @@ class ILAPlugin(BasePlugin):
         if is_main_process():
             remove_after_training(output_dir(cfg), self._save_strategy)
         self._save_strategy = None  # once
+
+    def _apply_to_preference_trainer(self, cfg, trainer) -> None:
+        """The policy is ``trainer.model`` (wrapped by TRL for dpo/ipo/kto); the
+        reference, if separate, ``trainer.ref_model``, which stays untouched."""
+        selection = self.plan.selection
+        if cfg.adapter:
+            verify_adapters(trainer.model, selection)
+        else:
+            freeze_dropped(trainer.model, selection)
+            verify_trainable(trainer.model, selection)
+        reference = verify_reference(trainer, selection, method(cfg))
+        LOG.info(
+            "ILA: rl: %s trains %s on the %d kept modules; reference: %s",
+            method(cfg),
+            "LoRA" if cfg.adapter else "the weights",
+            len(selection.kept),
+            reference,
+        )
+        self._record(cfg)
 
 
 CARD_START, CARD_END = "<!-- axolotl-ila -->", "<!-- /axolotl-ila -->"

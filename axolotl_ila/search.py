@@ -9,6 +9,9 @@
    continue from, unless the config asks for the paper's two runs.
 5. Stage 2 (``gates``): base and LoRA frozen; module i's LoRA output is scaled
    by sigmoid(s_i); the scores are learned until their order settles.
+   Both stages use the trainer's own loss (``trainer.compute_loss``): the
+   supervised loss, or with ``rl:`` the preference loss (DPO, IPO, KTO, ORPO,
+   SimPO), whose reference is the search model with its adapters disabled.
 6. The scores become a ``Ranking`` that records how it was made and why each
    stage stopped.
 """
@@ -27,6 +30,7 @@ from axolotl_ila.cli import top_bottom_table
 from axolotl_ila.gates import OrderSettle, curve, run_gates
 from axolotl_ila.handoff import WarmState
 from axolotl_ila.plan import ModelInfo
+from axolotl_ila.preference import loss_identity, method
 from axolotl_ila.ranking import Ranking
 from axolotl_ila.search_config import SearchError, planned_steps, search_config, warmup_cap
 from axolotl_ila.warmup import FALLING_T_STAT, RankingProbe, loss_trend, lora_modules, update_norms, warmup_callback
@@ -83,11 +87,12 @@ def search_ranking(cfg: Any, dataset_meta: Any, info: ModelInfo, keep_warm_state
     scfg = search_config(cfg, cap, continuing=keep_warm_state)
     LOG.info(
         "ILA search: warm-up until the ranking settles, at most %d steps (%d planned for training%s), "
-        "then at most %d gate steps",
+        "then at most %d gate steps, on the %s loss",
         cap,
         total,
         "; the training continues from it" if keep_warm_state else "",
         cfg.ila_gate_steps,
+        method(cfg) or "supervised (SFT)",
     )
     # Seed before the adapters exist: LoRA's A matrices are drawn at model load,
     # before the trainer seeds anything, and a search must be reproducible.
@@ -108,6 +113,7 @@ def search_ranking(cfg: Any, dataset_meta: Any, info: ModelInfo, keep_warm_state
         "method": "ila",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "data": _data_identity(cfg, dataset_meta),
+        "loss": loss_identity(cfg, trainer),
         "seed": seed,
         "adapter": scfg.adapter,
         "stage1": stage1,
@@ -140,13 +146,6 @@ def _warm_up(
 
     started = time.perf_counter()
     model, tokenizer, peft_config, processor = setup_model_and_tokenizer(scfg)
-    layers = lora_modules(model)
-    if set(layers) != set(info.candidates):
-        raise SearchError(
-            f"the search model has LoRA on {len(layers)} modules but {len(info.candidates)} were expected; "
-            f"check lora_target_modules / lora_target_linear."
-        )
-    layers = {name: layers[name] for name in info.candidates}
     trainer = setup_trainer(
         cfg=scfg,
         train_dataset=dataset_meta.train_dataset,
@@ -155,8 +154,18 @@ def _warm_up(
         tokenizer=tokenizer,
         processor=processor,
         total_num_steps=total if keep_warm_state else cap,
+        model_ref=None,  # preference losses: the reference is this model with its adapters disabled
         peft_config=peft_config,
     )
+    # The model the trainer trains: for rl: dpo/ipo/kto TRL has just put the
+    # adapters on it (axolotl's loader returned only their config).
+    layers = lora_modules(trainer.model)
+    if set(layers) != set(info.candidates):
+        raise SearchError(
+            f"the search model has LoRA on {len(layers)} modules but {len(info.candidates)} were expected; "
+            f"check lora_target_modules / lora_target_linear."
+        )
+    layers = {name: layers[name] for name in info.candidates}
     every = int(cfg.ila_stability_window)
     settle = OrderSettle(agreement=cfg.ila_settle_agreement, min_steps=min(int(cfg.ila_warmup_min_steps or 0), cap))
     losses: list[float] = []

@@ -28,12 +28,12 @@ class SearchError(RuntimeError):
 
 def check_search_config(cfg: Any) -> None:
     """Reasons a search cannot run, found before any data or weights load."""
-    if cfg.rl:
-        raise SearchError(
-            f"the ILA search runs on supervised data; rl: {cfg.rl} is not supported for the search. "
-            f"Make the ranking with an SFT config of the same model (`axolotl-ila search`), then "
-            f"point ila_ranking at it with ila_search: never."
-        )
+    from axolotl_ila.preference import method, unsupported_message
+
+    rl = method(cfg)
+    refusal = unsupported_message(rl) if rl else None
+    if refusal:
+        raise SearchError(refusal)
     if cfg.peft_use_dora:
         raise SearchError(
             "the ILA gates scale the LoRA update, which DoRA reparametrizes; set "
@@ -107,4 +107,7 @@ def search_config(cfg: Any, cap: int, continuing: bool) -> Any:
     scfg.use_wandb = scfg.use_mlflow = scfg.use_comet = scfg.use_tensorboard = False
     scfg.unfrozen_parameters = None
     scfg.lora_exclude_modules = user_excludes(cfg)
+    # Preference losses: the search's reference is its own LoRA model with the
+    # adapters disabled, i.e. the base, as a separate reference model would be.
+    scfg.rl_adapter_ref_model = False
     return scfg

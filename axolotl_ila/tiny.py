@@ -154,3 +154,56 @@ def build_workspace(
         tokenizer = build_tokenizer(data, model_dir)
         build_model(model_dir, architecture=architecture, layers=layers, vocab_size=len(tokenizer), seed=seed, initializer_range=initializer_range)
     return {"model": model_dir, "data": data_path}
+
+
+# Preference data. One file layout per family of methods, each a format axolotl
+# 0.19 ships a prompt strategy for:
+#   pairs (dpo, ipo, simpo: ``chatml.argilla_chat``; orpo: ``chat_template.argilla``):
+#       {"chosen": [user turn, assistant turn], "rejected": [user turn, assistant turn]}
+#   kto (``chatml.argilla``): {"instruction": ..., "completion": ..., "label": true|false}
+PAIR_TYPES = {"dpo": "chatml.argilla_chat", "ipo": "chatml.argilla_chat", "simpo": "chatml.argilla_chat", "orpo": "chat_template.argilla"}
+KTO_TYPE = "chatml.argilla"
+
+
+def _prompt(row: dict[str, str]) -> str:
+    return f"{row['instruction']}\n{row['input']}" if row.get("input") else row["instruction"]
+
+
+def make_preference_rows(n: int, seed: int = 0) -> list[dict[str, object]]:
+    """Pairs from the instruction data: the right answer is chosen, the answer
+    of another instruction (a different task, so plainly wrong) is rejected."""
+    rows = make_alpaca_rows(n, seed=seed)
+    rng = random.Random(seed + 1)
+    pairs = []
+    for i, row in enumerate(rows):
+        other = rows[(i + 1 + rng.randrange(n - 1)) % n] if n > 1 else row
+        while other["output"] == row["output"] and n > 1:
+            other = rows[rng.randrange(n)]
+        user = {"role": "user", "content": _prompt(row)}
+        pairs.append(
+            {
+                "chosen": [user, {"role": "assistant", "content": row["output"]}],
+                "rejected": [user, {"role": "assistant", "content": other["output"]}],
+            }
+        )
+    return pairs
+
+
+def make_kto_rows(n: int, seed: int = 0) -> list[dict[str, object]]:
+    """KTO rows (unpaired): each pair's chosen answer labelled desirable and
+    its rejected answer undesirable, alternately, so both labels occur."""
+    rows = []
+    for i, pair in enumerate(make_preference_rows(n, seed=seed)):
+        desirable = i % 2 == 0
+        answer = pair["chosen" if desirable else "rejected"][1]["content"]
+        rows.append({"instruction": pair["chosen"][0]["content"], "completion": answer, "label": desirable})
+    return rows
+
+
+def build_preference_data(root: str | Path, rows: int = 64, seed: int = 0) -> dict[str, Path]:
+    """``pairs.jsonl`` (dpo, ipo, simpo, orpo) and ``kto.jsonl`` under ``root/data``."""
+    root = Path(root)
+    return {
+        "pairs": write_jsonl(root / "data" / "pairs.jsonl", make_preference_rows(rows, seed=seed)),
+        "kto": write_jsonl(root / "data" / "kto.jsonl", make_kto_rows(rows, seed=seed)),
+    }

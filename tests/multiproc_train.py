@@ -12,6 +12,13 @@ then runs axolotl's real train entry point, started by
 HF trainer treat the CPU ranks as one distributed run; without it every rank
 would train alone although a process group exists.)
 
+FSDP2 (``fsdp_version: 2``) needs three more redirections, each only of where
+things live, never of what axolotl or accelerate do with them: axolotl builds
+its device mesh for "cuda" (here: "cpu", gloo); accelerate makes CPU ranks
+``MULTI_CPU`` (DDP) even when axolotl asks for FSDP (here: the FSDP run axolotl
+configured); and axolotl loads a QLoRA model for FSDP onto CUDA device
+LOCAL_RANK (here: the CPU).
+
 For the tests, each rank also writes what it saw to ``$ILA_TEST_REPORT_DIR/rank-<rank>.json``,
 and two faults can be injected:
 
@@ -43,6 +50,58 @@ def _cpu_normalize_config(original):
         cfg.device_map = {"": "cpu"}
 
     return normalize_config
+
+
+def _cpu_device_mesh() -> None:
+    """FSDP2: axolotl builds its parallelism mesh with ``build_device_mesh("cuda")``
+    (``axolotl.utils.distributed.build_parallelism_config``); on CPU ranks the
+    mesh is a gloo ``"cpu"`` mesh, as accelerate's own CPU path builds it."""
+    from accelerate.parallelism_config import ParallelismConfig
+
+    original = ParallelismConfig.build_device_mesh
+
+    def build_device_mesh(self, device_type: str):
+        return original(self, "cpu")
+
+    ParallelismConfig.build_device_mesh = build_device_mesh
+
+
+def _cpu_qlora_fsdp_device_map() -> None:
+    """QLoRA under FSDP: axolotl's model loader puts the 4-bit model on device
+    LOCAL_RANK (a CUDA index) whatever ``cfg.device_map`` says; here, the CPU."""
+    from axolotl.loaders.model import ModelLoader
+
+    original = ModelLoader._set_device_map_config
+
+    def _set_device_map_config(self):
+        original(self)
+        if isinstance(self.model_kwargs.get("device_map"), dict):
+            self.model_kwargs["device_map"] = {"": "cpu"}
+
+    ModelLoader._set_device_map_config = _set_device_map_config
+
+
+def _cpu_fsdp() -> None:
+    """accelerate makes a run FSDP only on GPU-like ranks: with ``cpu`` (which
+    ``ACCELERATE_USE_CPU`` sets) the ranks stay ``MULTI_CPU`` and the model would
+    be wrapped in DDP although axolotl asked for FSDP (``ACCELERATE_USE_FSDP``).
+    Here the CPU ranks become the FSDP run axolotl configured; FSDP2's
+    ``fully_shard`` on a ``"cpu"`` mesh runs with gloo."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+
+    def __init__(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+        if wants_fsdp and fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+            # As accelerate records it, so that later AcceleratorState() calls keep it.
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    AcceleratorState.__init__ = __init__
 
 
 def _load_indexed_cpu_locations() -> None:
@@ -123,6 +182,11 @@ def _describe(error: str | None) -> dict[str, Any]:
         out["wrapped"] = type(trainer.model_wrapped).__name__
         out["global_step"] = trainer.state.global_step
         out["adapted"] = sorted(adapted_modules(trainer.model))
+        out["sharded_trainable"] = sorted(
+            name for name, param in trainer.model.named_parameters()
+            if param.requires_grad and type(param.data).__name__ == "DTensor"
+        )
+        out["four_bit_linears"] = sum(type(m).__module__.startswith("bitsandbytes") and type(m).__name__ == "Linear4bit" for m in trainer.model.modules())
         out["trainable"] = sorted(
             name for name, param in trainer.model.named_parameters() if param.requires_grad
         )
@@ -148,6 +212,9 @@ def main(config: str) -> None:
     patched = _cpu_normalize_config(axolotl.utils.config.normalize_config)
     axolotl.utils.config.normalize_config = patched
     axolotl.cli.config.normalize_config = patched
+    _cpu_device_mesh()
+    _cpu_fsdp()
+    _cpu_qlora_fsdp_device_map()
     _load_indexed_cpu_locations()
     _count_ranking_writes()
     _watch_trainer()

@@ -149,13 +149,30 @@ def test_unfrozen_parameters_with_full_fine_tuning(refused):
     )
 
 
-def test_fsdp_without_orig_params_in_full_fine_tuning(refused):
-    refused(
-        r"fsdp_config.use_orig_params: true",
-        adapter=None,
+def test_fsdp1_is_refused_at_config_load(refused):
+    refused(r"supports FSDP version 2 only \(fsdp_version: 2\)", fsdp_config={"auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "transformer_layer_cls_to_wrap": "LlamaDecoderLayer"})
+
+
+def test_continuing_under_fsdp2_with_a_full_state_dict_is_refused(refused):
+    message = refused(
+        r"ila_continue: true cannot work here: under FSDP2 .* fsdp_config.state_dict_type: FULL_STATE_DICT",
+        ila_continue=True,
         fsdp_version=2,
-        fsdp_config={"use_orig_params": False, "fsdp_version": 2},
+        fsdp_config={"state_dict_type": "FULL_STATE_DICT", "transformer_layer_cls_to_wrap": "LlamaDecoderLayer"},
     )
+    assert "Set fsdp_config.state_dict_type: SHARDED_STATE_DICT" in message
+
+
+def test_fsdp2_continues_by_default_only_with_a_sharded_state_dict(load):
+    from axolotl_ila.search_config import continues_training
+
+    def fsdp2(**block):
+        return {"fsdp_version": 2, "fsdp_config": {"transformer_layer_cls_to_wrap": "LlamaDecoderLayer", **block}}
+
+    assert continues_training(load(**fsdp2(state_dict_type="SHARDED_STATE_DICT")))
+    assert not continues_training(load(**fsdp2(state_dict_type="FULL_STATE_DICT")))
+    assert not continues_training(load(**fsdp2()))  # transformers' default is FULL_STATE_DICT
+    assert not continues_training(load(adapter=None, **fsdp2(state_dict_type="SHARDED_STATE_DICT")))
 
 
 @pytest.mark.parametrize("key", ["ila_gate_steps", "ila_stability_window"])
@@ -166,29 +183,27 @@ def test_positive_integers(refused, key):
 # -- cross-key checks on the raw dict (no axolotl load needed) ---------------------
 
 
-def test_fsdp_prefixed_use_orig_params_is_refused_too():
+@pytest.mark.parametrize("adapter", ["lora", "qlora", None])
+@pytest.mark.parametrize("deepspeed", [{"zero_optimization": {"stage": 2}}, {"zero_optimization": {"stage": 3}}, "deepspeed_configs/zero3.json"])
+def test_deepspeed_is_refused_with_its_reason(adapter, deepspeed):
     from axolotl_ila.args import check_combination
 
-    with pytest.raises(ValueError, match=r"use_orig_params: true"):
-        check_combination({"ila_strategy": "first", "fsdp_config": {"fsdp_use_orig_params": False}})
+    with pytest.raises(ValueError, match=r"does not support DeepSpeed .* no test has run ILA under ZeRO-2 or ZeRO-3") as info:
+        check_combination({"ila_strategy": "first", "adapter": adapter, "deepspeed": deepspeed})
+    assert "fsdp_version: 2" in str(info.value)
 
 
-@pytest.mark.parametrize("as_file", [False, True])
-def test_deepspeed_zero3_is_refused_by_stage_not_name(tmp_path, as_file):
-    import json
+def test_engine_of_a_raw_or_validated_config():
+    from axolotl_ila.engines import engine, fsdp_state_dict_type
 
-    from axolotl_ila.args import check_combination
-
-    ds = {"zero_optimization": {"stage": 3}}
-    if as_file:
-        path = tmp_path / "ds_stage_three.json"
-        path.write_text(json.dumps(ds))
-        ds = str(path)
-    with pytest.raises(ValueError, match=r"DeepSpeed ZeRO-3"):
-        check_combination({"ila_strategy": "first", "deepspeed": ds})
-    # ZeRO-2 is fine, and LoRA with ZeRO-3 is fine (no frozen base weights of ours).
-    check_combination({"ila_strategy": "first", "deepspeed": {"zero_optimization": {"stage": 2}}})
-    check_combination({"ila_strategy": "first", "adapter": "lora", "deepspeed": ds})
+    assert engine({}) is None
+    assert engine({"fsdp_config": {"fsdp_version": 2}}) == "fsdp2"
+    assert engine({"fsdp_config": {"version": "2"}}) == "fsdp2"
+    assert engine({"fsdp_version": 2, "fsdp_config": {}}) == "fsdp2"
+    assert engine({"fsdp_config": {"reshard_after_forward": True}}) == "fsdp1"  # axolotl's default version
+    assert engine({"fsdp": ["full_shard"]}) == "fsdp1"
+    assert engine({"deepspeed": "zero2.json", "fsdp_config": {"fsdp_version": 2}}) == "deepspeed"
+    assert fsdp_state_dict_type({"fsdp_config": {"fsdp_state_dict_type": "SHARDED_STATE_DICT"}}) == "SHARDED_STATE_DICT"
 
 
 # -- fused groups ------------------------------------------------------------------

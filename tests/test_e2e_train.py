@@ -83,6 +83,24 @@ def test_full_finetuning_freezes_exactly_the_dropped_weights(searched, tiny_llam
     assert not (tuned["lm_head.weight"] == base["lm_head.weight"]).all()
 
 
+def test_full_finetuning_searches_then_freezes_exactly_the_dropped_weights(tiny_llama, tmp_path):
+    """No ranking: the search (a LoRA warm-up and gates) runs first, then the
+    full training, from the base weights, freezes exactly the dropped weights."""
+    ranking_path = tmp_path / "ranking.json"
+    cfg = make_config(tiny_llama, tmp_path, adapter=None, ila_ranking=str(ranking_path), max_steps=3, learning_rate=0.01,
+                      ila_gate_steps=4, ila_warmup_max_steps=3)
+    result = run_train(write_config(cfg, tmp_path / "config.yml"))
+    assert "the training continues from the warm-up" not in result.stdout + result.stderr
+    ranking = load_ranking(ranking_path)
+    assert ranking.search["adapter"] == "lora"
+    base = load_tensors(tiny_llama["model"] / "model.safetensors")
+    tuned = load_tensors(tmp_path / "run" / "model.safetensors")
+    for name in ranking.names[21:]:
+        assert (tuned[f"{name}.weight"] == base[f"{name}.weight"]).all(), f"{name} changed but was dropped"
+    for name in ranking.names[:21]:
+        assert not (tuned[f"{name}.weight"] == base[f"{name}.weight"]).all(), f"{name} did not train"
+
+
 def test_gpt_neox_search_and_selection(tiny_neox, tmp_path):
     ranking_path = tmp_path / "neox.json"
     cfg = make_config(tiny_neox, tmp_path, ila_ranking=str(ranking_path), ila_gate_steps=8, ila_drop_fraction=0.5)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from axolotl_ila.ranking import file_digest, load_ranking
 from conftest import adapter_modules, load_tensors, make_config, read_json, run_train, write_config
@@ -88,19 +89,24 @@ def launch(config: Path, launcher: str = "torchrun", monitor_s: int = 2, **env_e
     return Launch(process.returncode, logs, found)
 
 
-def check(run: Launch) -> Launch:
+def check(run: Launch, wrapped: str = "DistributedDataParallel") -> Launch:
     if run.returncode != 0:
         raise AssertionError(f"the two-rank run failed ({run.returncode}):\n{run.logs[-8000:]}")
     assert sorted(run.reports) == [0, 1], run.logs[-4000:]
     for report in run.reports.values():
         # Really one data-parallel run, not two processes training alone.
         assert report["parallel_mode"] == "ParallelMode.DISTRIBUTED" and report["world_size"] == WORLD_SIZE
-        assert report["wrapped"] == "DistributedDataParallel"
+        assert report["wrapped"] == wrapped
     return run
 
 
 def log_lines(logs: str, text: str) -> list[str]:
     return [line for line in logs.splitlines() if text in line]
+
+
+def mentions(logs: str, text: str) -> int:
+    """How often the ranks logged ``text`` (two ranks' lines can share one line of the merged output)."""
+    return logs.count(text)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +127,7 @@ def two_ranks(tiny_llama, tmp_path_factory) -> dict:
 
 def test_every_rank_searches_and_only_the_main_process_writes(two_ranks):
     run = two_ranks["run"]
-    assert len(log_lines(run.logs, "ILA search: warm-up")) == WORLD_SIZE
+    assert mentions(run.logs, "ILA search: warm-up") == WORLD_SIZE
     assert run.reports[0]["save_ranking_calls"] == 1 and run.reports[1]["save_ranking_calls"] == 0
     wrote = log_lines(run.logs, "ILA: wrote ranking")
     assert len(wrote) == 1 and "[RANK:" not in wrote[0], wrote
@@ -151,9 +157,9 @@ def test_ddp_training_has_adapters_exactly_on_the_kept_modules(two_ranks):
     # kept adapters with it before step one), without transformers' warning about
     # its intervals; with save_strategy: no the main process removed it at the end.
     warmup = load_ranking(two_ranks["ranking"]).search["stage1"]["steps"]
-    assert len(log_lines(run.logs, f"the training continues from the warm-up's step {warmup} ")) == WORLD_SIZE
+    assert mentions(run.logs, f"the training continues from the warm-up's step {warmup} ") == WORLD_SIZE
     assert "do not match the ones in the `trainer_state.json`" not in run.logs
-    assert len(log_lines(run.logs, f"removed the warm-up's checkpoint {two_ranks['out'] / 'run' / f'checkpoint-{warmup}'}")) == 1
+    assert mentions(run.logs, f"removed the warm-up's checkpoint {two_ranks['out'] / 'run' / f'checkpoint-{warmup}'}") == 1
     assert not (two_ranks["out"] / "run" / f"checkpoint-{warmup}").exists()
 
 
@@ -182,24 +188,77 @@ def test_two_process_gate_scores_equal_a_one_process_search_of_the_same_global_b
         assert module.update_norm == pytest.approx(norms_one[module.name], rel=1e-4), module.name
 
 
-def test_full_finetuning_under_ddp_freezes_exactly_the_dropped_weights(two_ranks, tiny_llama, tmp_path):
-    """Started by `accelerate launch --multi_gpu` (as users do), not torchrun."""
-    ranking = load_ranking(two_ranks["ranking"])
-    cfg = make_config(tiny_llama, tmp_path, adapter=None, ila_ranking=str(two_ranks["ranking"]), ila_search="never",
-                      dataset_processes=1, max_steps=3, learning_rate=0.01)
-    run = check(launch(write_config(cfg, tmp_path / "config.yml"), launcher="accelerate"))
-    dropped, kept = ranking.names[-7:], ranking.names[:21]
+def killed_then_resumed(config: Path, kill_after: int, launcher: str = "torchrun") -> tuple[Launch, Launch]:
+    """Launch a run that searches; every rank dies (SIGKILL) once checkpoint
+    ``kill_after`` is saved; launch it again. The second launch finds the ranking
+    the first wrote and takes its selection from that file without searching
+    (a cached ranking), checked against the recorded one, and resumes."""
+    killed = launch(config, launcher=launcher, ILA_TEST_KILL_AFTER_SAVE=str(kill_after))
+    assert killed.returncode != 0 and not killed.reports, killed.logs[-4000:]
+    assert mentions(killed.logs, "ILA search: warm-up") == WORLD_SIZE
+    wrote = log_lines(killed.logs, "ILA: wrote ranking")
+    assert len(wrote) == 1 and "[RANK:" not in wrote[0], wrote
+    resumed = launch(config, launcher=launcher)
+    if resumed.returncode == 0:
+        assert not log_lines(resumed.logs, "ILA search: warm-up")
+        assert mentions(resumed.logs, "ILA: resuming with the selection recorded in") == WORLD_SIZE
+    return killed, resumed
+
+
+def check_resumed_from_the_ranking(run: Launch, ranking: Path, steps: int) -> None:
+    digest = file_digest(ranking)
+    for rank in (0, 1):
+        assert run.reports[rank]["ranking_digest"] == digest
+        assert run.reports[rank]["global_step"] == steps
+
+
+def check_full_finetuning(run: Launch, ranking: Path, workspace: dict, run_dir: Path) -> None:
+    """Exactly the dropped linear weights are frozen on every rank, and unchanged in the saved model."""
+    names = load_ranking(ranking).names
+    dropped, kept = names[21:], names[:21]
     for rank in (0, 1):
         trainable = set(run.reports[rank]["trainable"])
         assert not any(f"{name}.weight" in trainable for name in dropped)
         assert all(f"{name}.weight" in trainable for name in kept)
-    base = load_tensors(tiny_llama["model"] / "model.safetensors")
-    tuned = load_tensors(tmp_path / "run" / "model.safetensors")
+    base = load_tensors(workspace["model"] / "model.safetensors")
+    tuned = load_tensors(run_dir / "model.safetensors")
     for name in dropped:
         assert (tuned[f"{name}.weight"] == base[f"{name}.weight"]).all(), f"{name} changed but was dropped"
     for name in kept:
         assert not (tuned[f"{name}.weight"] == base[f"{name}.weight"]).all(), f"{name} did not train"
     assert not (tuned["model.embed_tokens.weight"] == base["model.embed_tokens.weight"]).all()
+
+
+# Full fine-tuning: the search (LoRA warm-up and gates), then a fresh full training.
+FULL_FT = {"dataset_processes": 1, "ila_gate_steps": 4, "ila_warmup_max_steps": 4, "max_steps": 4, "learning_rate": 0.01,
+           "save_strategy": "steps", "save_steps": 2, "auto_resume_from_checkpoints": True}
+
+
+def test_full_finetuning_under_ddp_searches_and_freezes_exactly_the_dropped_weights(tiny_llama, tmp_path):
+    """Started by `accelerate launch --multi_gpu` (as users do), not torchrun."""
+    ranking = tmp_path / "ranking.json"
+    cfg = make_config(tiny_llama, tmp_path, adapter=None, ila_ranking=str(ranking), **FULL_FT)
+    _, resumed = killed_then_resumed(write_config(cfg, tmp_path / "config.yml"), 2, launcher="accelerate")
+    check(resumed)
+    check_resumed_from_the_ranking(resumed, ranking, 4)
+    check_full_finetuning(resumed, ranking, tiny_llama, tmp_path / "run")
+
+
+def test_qlora_under_ddp_searches_continues_and_resumes(tiny_llama, tmp_path):
+    ranking = tmp_path / "ranking.json"
+    cfg = make_config(tiny_llama, tmp_path, adapter="qlora", ila_ranking=str(ranking), **MULTIPROC_SETTINGS,
+                      save_strategy="steps", save_steps=8, auto_resume_from_checkpoints=True)
+    killed, resumed = killed_then_resumed(write_config(cfg, tmp_path / "config.yml"), 8)
+    check(resumed)
+    warmup = load_ranking(ranking).search["stage1"]["steps"]
+    assert mentions(killed.logs, f"the training continues from the warm-up's step {warmup} ") == WORLD_SIZE
+    check_resumed_from_the_ranking(resumed, ranking, cfg["max_steps"])
+    kept = set(load_ranking(ranking).names[:21])
+    for rank in (0, 1):
+        assert resumed.reports[rank]["four_bit_linears"] == 28  # the base stays 4-bit, dropped modules included
+        assert set(resumed.reports[rank]["adapted"]) == kept
+    assert adapter_modules(tmp_path / "run" / f"checkpoint-{warmup}") == kept
+    assert adapter_modules(tmp_path / "run") == kept
 
 
 def test_a_killed_two_process_run_resumes_with_its_recorded_selection(two_ranks, tiny_llama, tmp_path):
@@ -216,7 +275,7 @@ def test_a_killed_two_process_run_resumes_with_its_recorded_selection(two_ranks,
 
     ranking.unlink()  # the resumed run can only take its selection from the record
     resumed = check(launch(config))
-    assert len(log_lines(resumed.logs, "ILA: resuming with the selection recorded in")) == WORLD_SIZE
+    assert mentions(resumed.logs, "ILA: resuming with the selection recorded in") == WORLD_SIZE
     assert not log_lines(resumed.logs, "ILA search: warm-up")
     for rank in (0, 1):
         assert set(resumed.reports[rank]["adapted"]) == set(record["kept"])
@@ -258,3 +317,114 @@ def test_a_failed_write_on_the_main_process_stops_every_rank(tiny_llama, tmp_pat
     assert [run.reports[r]["save_ranking_calls"] for r in (0, 1)] == [2, 0]
     assert not ranking.exists() and not fallback.exists()
     assert not (tmp_path / "run" / "ila_selection.json").exists()
+
+
+# -- FSDP2: the same runs, sharded ----------------------------------------------------
+
+# FSDP2 as users configure it; SHARDED_STATE_DICT is what lets the training resume
+# (and continue from the warm-up) on every rank (engines.continuation_refusal).
+FSDP2 = {
+    "fsdp_version": 2,
+    "fsdp_config": {
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "transformer_layer_cls_to_wrap": "LlamaDecoderLayer",
+        "reshard_after_forward": True,
+        "state_dict_type": "SHARDED_STATE_DICT",
+    },
+}
+
+
+def check_sharded(run: Launch, wrapped: str = "FSDPPeftModelForCausalLM") -> Launch:
+    """FSDP2 wrapped the model, and every trainable weight is a DTensor (a shard per rank)."""
+    check(run, wrapped=wrapped)
+    for report in run.reports.values():
+        assert report["trainable"] and report["sharded_trainable"] == report["trainable"]
+    return run
+
+
+def kept_and_dropped(ranking_path: Path) -> tuple[set[str], list[str]]:
+    names = load_ranking(ranking_path).names
+    return set(names[:21]), names[21:]  # drop 25% of 28
+
+
+@pytest.fixture(scope="module")
+def fsdp2_lora(two_ranks, tmp_path_factory) -> dict:
+    """``two_ranks`` again under FSDP2 (same config, data order and steps): it
+    searches, continues from the warm-up, is killed after checkpoint 8, and
+    resumes to step 10."""
+    out = tmp_path_factory.mktemp("fsdp2-lora")
+    ranking = out / "rankings" / "tiny-llama.json"
+    cfg = {**two_ranks["cfg"], **FSDP2, "ila_ranking": str(ranking), "output_dir": str(out / "run"),
+           "save_strategy": "steps", "save_steps": 8, "auto_resume_from_checkpoints": True}
+    killed, resumed = killed_then_resumed(write_config(cfg, out / "config.yml"), 8)
+    check_sharded(resumed)
+    return {"out": out, "ranking": ranking, "killed": killed, "resumed": resumed, "cfg": cfg}
+
+
+def test_fsdp2_search_ranks_as_ddp_does_and_one_process_writes(fsdp2_lora, two_ranks):
+    """Gates on sharded LoRA weights, rank-averaged: the scores of the DDP search
+    of the same global batches, up to float summation order."""
+    # killed_then_resumed checked: both ranks searched, exactly one wrote.
+    fsdp, ddp = load_ranking(fsdp2_lora["ranking"]), load_ranking(two_ranks["ranking"])
+    assert fsdp.search["world_size"] == WORLD_SIZE
+    assert fsdp.names == ddp.names
+    ddp_scores = {m.name: (m.score, m.update_norm) for m in ddp.modules}
+    for module in fsdp.modules:
+        score, norm = ddp_scores[module.name]
+        assert module.score == pytest.approx(score, abs=1e-4), module.name
+        assert module.update_norm == pytest.approx(norm, rel=1e-4), module.name
+
+
+def test_fsdp2_training_continues_from_the_sharded_warmup_and_resumes(fsdp2_lora, two_ranks):
+    out, killed, resumed = fsdp2_lora["out"], fsdp2_lora["killed"], fsdp2_lora["resumed"]
+    kept, _ = kept_and_dropped(fsdp2_lora["ranking"])
+    warmup = load_ranking(fsdp2_lora["ranking"]).search["stage1"]["steps"]
+    assert mentions(killed.logs, f"the training continues from the warm-up's step {warmup} ") == WORLD_SIZE
+    # The handover is a checkpoint in the engine's own sharded layout, kept modules only.
+    handoff = out / "run" / f"checkpoint-{warmup}"
+    assert (handoff / "pytorch_model_fsdp_0" / ".metadata").is_file()
+    assert (handoff / "optimizer_0" / ".metadata").is_file()
+    assert adapter_modules(handoff) == kept
+    assert set(read_json(handoff / "ila_handoff.json")["kept"]) == kept
+    # Resumed after the kill from checkpoint 8 (not the warm-up's), with the ranking's selection.
+    check_resumed_from_the_ranking(resumed, fsdp2_lora["ranking"], fsdp2_lora["cfg"]["max_steps"])
+    for rank in (0, 1):
+        assert set(resumed.reports[rank]["adapted"]) == kept
+    assert adapter_modules(out / "run") == kept
+    # Warm-up, handover (weights and AdamW moments), kill and resume on shards end
+    # where the uninterrupted DDP run of the same batches ended.
+    sharded = load_tensors(out / "run" / "adapter_model.safetensors")
+    ddp = load_tensors(two_ranks["out"] / "run" / "adapter_model.safetensors")
+    assert sharded.keys() == ddp.keys()
+    for key, tensor in ddp.items():
+        assert torch.allclose(sharded[key], tensor, rtol=1e-3, atol=1e-5), key
+
+
+def test_fsdp2_qlora_searches_continues_and_resumes(tiny_llama, tmp_path):
+    ranking = tmp_path / "ranking.json"
+    cfg = make_config(tiny_llama, tmp_path, adapter="qlora", ila_ranking=str(ranking), **FSDP2, **MULTIPROC_SETTINGS,
+                      save_strategy="steps", save_steps=8, auto_resume_from_checkpoints=True)
+    killed, resumed = killed_then_resumed(write_config(cfg, tmp_path / "config.yml"), 8)
+    check_sharded(resumed)
+    kept, _ = kept_and_dropped(ranking)
+    warmup = load_ranking(ranking).search["stage1"]["steps"]
+    assert mentions(killed.logs, f"the training continues from the warm-up's step {warmup} ") == WORLD_SIZE
+    assert (tmp_path / "run" / f"checkpoint-{warmup}" / "optimizer_0" / ".metadata").is_file()
+    check_resumed_from_the_ranking(resumed, ranking, cfg["max_steps"])
+    for rank in (0, 1):
+        assert resumed.reports[rank]["four_bit_linears"] == 28  # the base stays 4-bit, dropped modules included
+        assert set(resumed.reports[rank]["adapted"]) == kept
+    assert adapter_modules(tmp_path / "run") == kept
+
+
+def test_fsdp2_full_finetuning_searches_then_freezes_exactly_the_dropped_weights(tiny_llama, tmp_path):
+    """Per-parameter sharding lets frozen and trainable weights share a block.
+    FULL_STATE_DICT: the final model is saved whole (model.safetensors)."""
+    ranking = tmp_path / "ranking.json"
+    fsdp = {**FSDP2, "fsdp_config": {**FSDP2["fsdp_config"], "state_dict_type": "FULL_STATE_DICT"}}
+    cfg = make_config(tiny_llama, tmp_path, adapter=None, ila_ranking=str(ranking), **fsdp, **FULL_FT)
+    killed, resumed = killed_then_resumed(write_config(cfg, tmp_path / "config.yml"), 2)
+    check_sharded(resumed, wrapped="FSDPLlamaForCausalLM")
+    assert not log_lines(killed.logs, "the training continues from the warm-up")  # full fine-tuning trains afresh
+    check_resumed_from_the_ranking(resumed, ranking, 4)
+    check_full_finetuning(resumed, ranking, tiny_llama, tmp_path / "run")
