@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from axolotl_ila.hub import is_hub_path, parse_hub_path
 from axolotl_ila.engines import continuation_refusal, engine_refusal
 from axolotl_ila.preference import unsupported_message
 from axolotl_ila.selection import RANKED_STRATEGIES, STRATEGIES
@@ -29,7 +30,11 @@ class ILAArgs(BaseModel):
 
     ila_ranking: str | None = Field(
         default=None,
-        json_schema_extra={"description": "Path of the ranking JSON: loaded if present and valid, else written by the search."},
+        json_schema_extra={
+            "description": "Path of the ranking JSON: loaded if present and valid, else written by the search. Or a "
+            "ranking on the Hugging Face Hub, hf://OWNER/REPO/PATH.json or hf://OWNER/REPO@REVISION/PATH.json "
+            "(fetched into the Hugging Face cache; never searched for)."
+        },
     )
     ila_search: Literal["auto", "always", "never"] = Field(
         default="auto",
@@ -138,6 +143,13 @@ class ILAArgs(BaseModel):
     def _fraction_in_open_unit(cls, value: float | None, info) -> float | None:
         return _open_unit(info.field_name, value)
 
+    @field_validator("ila_ranking")
+    @classmethod
+    def _hub_path_form(cls, value: str | None) -> str | None:
+        if is_hub_path(value):
+            parse_hub_path(value)  # HubPathError (a ValueError) names the accepted forms
+        return value
+
     @field_validator("ila_strategy")
     @classmethod
     def _known_strategy(cls, value: str) -> str:
@@ -214,6 +226,13 @@ def check_combination(data: dict[str, Any]) -> None:
         )
     if data.get("ila_search") == "never" and not data.get("ila_ranking"):
         raise ValueError("ila_search: never needs ila_ranking to point at an existing ranking file")
+    if data.get("ila_search") == "always" and is_hub_path(data.get("ila_ranking")):
+        raise ValueError(
+            f"ila_search: always searches and writes ila_ranking, but {data['ila_ranking']} is on the Hugging "
+            f"Face Hub, which a search cannot write. Search into a local file (ila_ranking: rankings/NAME.json), "
+            f"upload it with `hf upload OWNER/REPO rankings/NAME.json rankings/NAME.json`, and use the hf:// "
+            f"path with ila_search: auto or never."
+        )
     refusal = engine_refusal(data)
     if refusal:
         raise ValueError(refusal)

@@ -1,5 +1,8 @@
 """``axolotl-ila``: search, show, compare and combine rankings.
 
+The same commands are ``axolotl ila ...`` (``axolotl_ila.axolotl_command``),
+from the one table ``COMMANDS`` below: their arguments, help and behaviour.
+A ranking argument is a local path or ``hf://OWNER/REPO[@REVISION]/PATH.json``.
 Errors in what the user gave (a file, a flag) print one line,
 ``axolotl-ila: error: ...``, and exit with status 2; nothing is half-written.
 axolotl itself is imported only by ``search`` and ``quickstart``.
@@ -11,13 +14,15 @@ import argparse
 import json
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from axolotl_ila.analysis import COMBINE_METHODS, combine, compare, top_set
 from axolotl_ila.architecture import block_index, module_kind
 from axolotl_ila.certainty import certainty, certainty_warnings
-from axolotl_ila.ranking import Ranking, RankingError, file_digest, load_ranking, save_ranking
+from axolotl_ila.hub import is_hub_path
+from axolotl_ila.ranking import Ranking, RankingError, RankingFile, file_digest, load_ranking, locate_ranking, save_ranking
 from axolotl_ila.selection import FUSED_GROUPS, Selection, SelectionError, importance_order, no_groups_note, select
 
 
@@ -39,7 +44,7 @@ def _per_group(selection: Selection, key: Callable[[str], Any]) -> list[tuple[An
     return [(group, kept[group], every[group]) for group in sorted(every, key=lambda g: (g is None, g if g is not None else 0))]
 
 
-def show_json(ranking: Ranking, selection: Selection, path: Path) -> dict[str, Any]:
+def show_json(ranking: Ranking, selection: Selection, path: str | Path) -> dict[str, Any]:
     return {
         "ranking": str(path),
         "model": ranking.model,
@@ -97,7 +102,7 @@ def top_bottom_table(ranking: Ranking, n: int = 5, selection: Selection | None =
     return lines
 
 
-def show_text(ranking: Ranking, selection: Selection, path: Path, top: int, requested_groups: tuple[str, ...] = ()) -> str:
+def show_text(ranking: Ranking, selection: Selection, path: str | Path, top: int, requested_groups: tuple[str, ...] = ()) -> str:
     lines = [f"ranking   {path}", _model_line(ranking), _ranked_line(ranking)]
     search = ranking.search
     data = (search.get("data") or {}).get("datasets")
@@ -149,7 +154,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    path = Path(args.ranking)
+    path = args.ranking
     ranking = load_ranking(path)
     groups = tuple(FUSED_GROUPS) if args.fused_groups else ()
     selection = _selection(ranking, args.drop_fraction, args.keep_fraction, groups)
@@ -165,14 +170,17 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_all(paths: list[str]) -> tuple[list[Ranking], list[str]]:
-    return [load_ranking(p) for p in paths], list(paths)
+def _load_all(paths: list[str]) -> tuple[list[Ranking], list[RankingFile]]:
+    """Rankings from local or hf:// paths, and where each was read."""
+    files = [locate_ranking(p) for p in paths]
+    return [load_ranking(f.local_path, label=f.spec) for f in files], files
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     if not 0.0 < args.top <= 1.0:
         raise UsageError(f"--top must be in (0, 1], got {args.top}")
-    rankings, labels = _load_all(args.rankings)
+    rankings, files = _load_all(args.rankings)
+    labels = [f.spec for f in files]
     result = compare(rankings, labels, p=args.top)
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
@@ -194,6 +202,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _same_file(a: str | Path, b: str | Path) -> bool:
+    if is_hub_path(str(a)) or is_hub_path(str(b)):
+        return str(a) == str(b)
     a, b = Path(a), Path(b)
     if a.exists() and b.exists():
         return a.samefile(b)  # also through links
@@ -207,8 +217,8 @@ def cmd_combine(args: argparse.Namespace) -> int:
                 f"-o {args.output} is one of the input rankings ({source}); write the combined "
                 f"ranking to a new file, so that the inputs stay as they are"
             )
-    rankings, labels = _load_all(args.rankings)
-    digests = [file_digest(p) for p in labels]
+    rankings, files = _load_all(args.rankings)
+    labels, digests = [f.spec for f in files], [file_digest(f.local_path) for f in files]
     combined = combine(rankings, labels, method=args.method, k_fraction=args.k_fraction, digests=digests)
     save_ranking(combined, args.output)
     print(f"combined {len(rankings)} rankings ({args.method}) into {args.output}")
@@ -230,24 +240,15 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return run_quickstart(args.dir)
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "search": cmd_search,
-    "show": cmd_show,
-    "compare": cmd_compare,
-    "combine": cmd_combine,
-    "quickstart": cmd_quickstart,
-}
+RANKING_HELP = "a ranking file, or hf://OWNER/REPO[@REVISION]/PATH.json on the Hugging Face Hub"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="axolotl-ila", description="ILA layer importance for Axolotl: search, show, compare and combine rankings.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _search_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="axolotl config YAML with axolotl_ila.ILAPlugin and ila_ranking (a local path)")
 
-    p = sub.add_parser("search", help="run the search a config describes and write its ila_ranking (+ heatmap PNG)")
-    p.add_argument("config", help="axolotl config YAML with axolotl_ila.ILAPlugin and ila_ranking")
 
-    p = sub.add_parser("show", help="table of a ranking, and optionally its heatmap")
-    p.add_argument("ranking")
+def _show_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ranking", help=RANKING_HELP)
     p.add_argument("--png", help="write the heatmap (block x module type) to this PNG")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--drop-fraction", type=float, help="mark the least important fraction as dropped (default 0.25)")
@@ -256,34 +257,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10, help="modules shown at each end (default 10)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = sub.add_parser("compare", help="Jaccard similarity of the top-p sets, for every pair")
-    p.add_argument("rankings", nargs="+")
+
+def _compare_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("rankings", nargs="+", help=RANKING_HELP + " (two or more)")
     p.add_argument("--top", type=float, default=0.75, help="p, the top fraction compared (default 0.75)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = sub.add_parser("combine", help="one ranking from several of the same model")
-    p.add_argument("rankings", nargs="+")
-    p.add_argument("-o", "--output", required=True, help="ranking file to write")
+
+def _combine_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("rankings", nargs="+", help=RANKING_HELP + " (two or more)")
+    p.add_argument("-o", "--output", required=True, help="ranking file to write (local; upload it with `hf upload`)")
     p.add_argument("--method", choices=COMBINE_METHODS, default="intersect")
     p.add_argument("--k-fraction", type=float, default=0.25, help="intersect: K as a fraction of the modules (default 0.25)")
 
-    p = sub.add_parser("quickstart", help="build a tiny model and data, and train it with ILA (CPU, about a minute)")
+
+def _quickstart_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dir", default="ila-quickstart", help="where to build (default ila-quickstart)")
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: what it runs, its one-line help, and its arguments."""
+
+    run: Callable[[argparse.Namespace], int]
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+
+
+DESCRIPTION = "ILA layer importance for Axolotl: search, show, compare and combine rankings."
+COMMANDS: dict[str, Command] = {
+    "search": Command(cmd_search, "run the search a config describes and write its ila_ranking (+ heatmap PNG)", _search_arguments),
+    "show": Command(cmd_show, "table of a ranking, and optionally its heatmap", _show_arguments),
+    "compare": Command(cmd_compare, "Jaccard similarity of the top-p sets, for every pair", _compare_arguments),
+    "combine": Command(cmd_combine, "one ranking from several of the same model", _combine_arguments),
+    "quickstart": Command(cmd_quickstart, "build a tiny model and data, and train it with ILA (CPU, about a minute)", _quickstart_arguments),
+}
+
+
+def build_parser(prog: str = "axolotl-ila") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, command in COMMANDS.items():
+        command.arguments(sub.add_parser(name, help=command.help, description=command.help))
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "axolotl-ila") -> int:
+    """Run one command; ``prog`` is how the user called it (``axolotl ila`` too)."""
+    args = build_parser(prog).parse_args(argv)
     try:
         if args.command in ("compare", "combine") and len(args.rankings) < 2:
             raise UsageError(f"{args.command} needs at least two rankings")
-        return COMMANDS[args.command](args)
+        return COMMANDS[args.command].run(args)
     except BrokenPipeError:  # output piped into `head`
         sys.stderr.close()
         return 0
     except (UsageError, RankingError, SelectionError, ValueError, FileNotFoundError) as exc:
         message = " ".join(str(exc).split())
-        print(f"axolotl-ila: error: {message}", file=sys.stderr)
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -32,15 +32,21 @@ saves and reloads a LoRA adapter as rank 0's shards only (accelerate's
 ``save_fsdp_model(adapter_only=True)`` pickles the DTensors rank 0 holds), so a
 resume would not restore the warm-up on the other ranks.
 
+Before the training loads it, the checkpoint's ``trainer_state.json`` gets
+the training's own logging, evaluation and saving intervals and batch size
+(``align_with_training``): the warm-up logged every step and saved nothing.
 ``HandoffCheck`` verifies, once the training's optimizer exists, that the run
 did start from that state (right after the search, or resumed from that
-checkpoint later), and stops it loudly otherwise.
+checkpoint later), and stops it loudly otherwise. Once the training has
+finished, a run that saves no checkpoints (``save_strategy: "no"``) removes it
+(``remove_after_training``); until then it is what a killed run resumes from.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -51,6 +57,8 @@ import torch
 
 from axolotl_ila.architecture import strip_peft_prefix
 from axolotl_ila.ranking import write_json_atomic
+
+LOG = logging.getLogger("axolotl.ila")
 
 HANDOFF_NAME = "ila_handoff.json"
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -274,13 +282,70 @@ def write_sharded_checkpoint(warm: WarmState, kept: list[str], dropped: list[str
     return final
 
 
+def handoff_checkpoints(output_dir: str | Path) -> list[Path]:
+    """The warm-up checkpoints in ``output_dir``: ``checkpoint-<k>`` folders that
+    hold our ``ila_handoff.json`` for that very step (the training's own
+    checkpoints have none)."""
+    found = []
+    for folder in sorted(Path(output_dir).glob("checkpoint-*")):
+        step = folder.name.rsplit("-", 1)[-1]
+        marker = folder / HANDOFF_NAME
+        if not (step.isdigit() and marker.is_file()):
+            continue
+        try:
+            recorded = json.loads(marker.read_text(encoding="utf-8")).get("step")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if recorded == int(step):
+            found.append(folder)
+    return found
+
+
+def align_with_training(checkpoint: Path, args: Any, train_batch_size: int | None) -> None:
+    """Make the checkpoint's trainer state say what the training's own would:
+    its logging, evaluation and saving intervals, as transformers computes them
+    (``TrainerState.compute_steps``), and its batch size. Otherwise resuming from
+    it warns that "the following arguments do not match the ones in the
+    trainer_state.json" (the warm-up logged every step). Main process only."""
+    from transformers import TrainerState
+
+    path = checkpoint / "trainer_state.json"
+    state = TrainerState.load_from_json(str(path))
+    state.compute_steps(args, state.max_steps)  # the warm-up kept the training's max_steps
+    if train_batch_size is not None:
+        state.train_batch_size = train_batch_size
+    write_json_atomic(path, dataclasses.asdict(state))
+
+
+def remove_after_training(output_dir: str | Path, save_strategy: Any) -> list[Path]:
+    """After a finished training: remove the warm-up checkpoints of a run that
+    saves none of its own, where they are only optimizer state nobody asked for.
+    With checkpoints on they stay, as the run's first. Main process only."""
+    removed = []
+    for checkpoint in handoff_checkpoints(output_dir):
+        if str(getattr(save_strategy, "value", save_strategy)).lower() != "no":
+            LOG.info(
+                "ILA: keeping the warm-up's checkpoint %s as the run's first checkpoint (save_strategy: %s)",
+                checkpoint,
+                getattr(save_strategy, "value", save_strategy),
+            )
+            continue
+        shutil.rmtree(checkpoint)
+        removed.append(checkpoint)
+        LOG.info(
+            "ILA: removed the warm-up's checkpoint %s: the training finished and saves no checkpoints "
+            "(save_strategy: no), so nothing resumes from it",
+            checkpoint,
+        )
+    return removed
+
+
 def handoff_check_callback(output_dir: str | Path, expected: str | Path | None):
     """A trainer callback for runs that start from a warm-up's checkpoint: right
     after this run's search (``expected``), or resumed later from it.
 
-    Before the first step it makes the checkpoint's trainer state the
-    training's (the warm-up ran with its own logging and saving intervals, and
-    without the training's stateful callbacks), and proves that the run did
+    Before the first step it gives the trainer state the training's stateful
+    callbacks (the warm-up ran without them), and proves that the run did
     start from the warm-up: step count, kept adapters' weights, and the
     optimizer holding its state in the warm-up's order. Give it the trainer
     (``.trainer``) once it exists."""
@@ -303,7 +368,6 @@ def handoff_check_callback(output_dir: str | Path, expected: str | Path | None):
                 )
             if state.global_step == 0 or not (checkpoint / HANDOFF_NAME).exists():
                 return  # not a warm-up's checkpoint: an ordinary start or resume
-            state.compute_steps(args, state.max_steps)  # the training's intervals, not the warm-up's
             if self.trainer is not None:
                 for callback in self.trainer.callback_handler.callbacks + [self.trainer.control]:
                     if isinstance(callback, ExportableState):

@@ -24,15 +24,18 @@ from axolotl_ila.candidates import nothing_targeted_message, skeleton_model, tar
 from axolotl_ila.certainty import certainty_warnings
 from axolotl_ila.distributed import is_main_process, on_main, same_on_all_ranks
 from axolotl_ila.engines import continuation_refusal
+from axolotl_ila.hub import is_hub_path
 from axolotl_ila.ranking import (
     Ranking,
     RankingError,
+    RankingFile,
     check_architecture,
     check_writable,
-    file_digest,
     load_ranking,
+    locate_ranking,
     remove_stale_temp_files,
     save_ranking,
+    write_bytes_atomic,
     write_json_atomic,
 )
 from axolotl_ila.search_config import continues_training
@@ -51,8 +54,11 @@ LOG = logging.getLogger("axolotl.ila")
 
 RECORD_NAME = "ila_selection.json"
 RECORD_FORMAT = "axolotl-ila-selection"
-# Where a searched ranking goes when ``ila_ranking`` cannot take it after the search.
-FALLBACK_RANKING_NAME = "ila_ranking.json"
+# The copy of the ranking a training used, beside the record in output_dir, so
+# that the adapter's folder (and what hub_model_id pushes) carries it. A searched
+# ranking that ``ila_ranking`` cannot take after the search is written there too.
+RANKING_COPY_NAME = "ila_ranking.json"
+FALLBACK_RANKING_NAME = RANKING_COPY_NAME
 
 
 @dataclass
@@ -69,8 +75,9 @@ class ModelInfo:
 class Plan:
     selection: Selection
     model: ModelInfo
-    ranking_identity: dict[str, Any] | None  # path, digest and fingerprint of the ranking used
+    ranking_identity: dict[str, Any] | None  # path, digest and fingerprint of the ranking used (+ hub, copy)
     handoff_checkpoint: Path | None = None  # the warm-up's checkpoint the training continues from
+    ranking_file: Path | None = None  # the ranking's bytes on this machine, copied into output_dir
 
     def record(self) -> dict[str, Any]:
         return {
@@ -146,10 +153,6 @@ def is_resuming(cfg: Any) -> bool:
     return bool(cfg.auto_resume_from_checkpoints) and any(
         p.name.split("-")[-1].isdigit() for p in Path(output_dir(cfg)).glob("checkpoint-*")
     )
-
-
-def ranking_identity(path: str | Path, ranking: Ranking) -> dict[str, Any]:
-    return {"path": str(path), "digest": file_digest(path), "fingerprint": ranking.fingerprint}
 
 
 def read_record(path: Path) -> tuple[dict[str, Any], Selection]:
@@ -235,10 +238,12 @@ def resolve_plan(
         return _selection_from_record(cfg, info, requested, selection)
     if found is None:
         return Plan(selection=selection, model=info, ranking_identity=None)
-    identity = ranking_identity(found.path, found.ranking)
+    identity = found.source.identity(found.ranking)
+    if training:
+        identity["copy"] = RANKING_COPY_NAME  # written with the record (write_record)
     if not same_on_all_ranks(identity["digest"]):
-        raise RankingError(f"ranking file {found.path} differs between processes; put it on a filesystem all ranks share.")
-    plan = Plan(selection=selection, model=info, ranking_identity=identity)
+        raise RankingError(f"ranking file {found.source.spec} differs between processes; put it on a filesystem all ranks share.")
+    plan = Plan(selection=selection, model=info, ranking_identity=identity, ranking_file=found.source.local_path)
     if found.warm is not None:
         plan.handoff_checkpoint = hand_over(cfg, plan, found.warm)
     return plan
@@ -246,7 +251,7 @@ def resolve_plan(
 
 @dataclass
 class FoundRanking:
-    path: Path  # where it is: ``ila_ranking``, or the fallback a search wrote to
+    source: RankingFile  # where it is: ``ila_ranking`` (local or on the Hub), or the fallback a search wrote to
     ranking: Ranking
     warm: Any = None  # a search's warm-up state, when the training continues from it
 
@@ -267,19 +272,29 @@ def find_or_search_ranking(
         if cfg.ila_ranking:
             LOG.warning("ILA: ila_strategy: %s does not use ila_ranking (%s)", strategy, cfg.ila_ranking)
         return None
-    path = Path(cfg.ila_ranking)
     mode = "always" if force_search else (cfg.ila_search or "auto")
+    if is_hub_path(cfg.ila_ranking):
+        # Fetched (or found in the Hugging Face cache), never searched for: a
+        # search cannot write to the Hub (check_writable says what to do instead).
+        if mode == "always":
+            check_writable(cfg.ila_ranking, info.fingerprint)
+        source = locate_ranking(cfg.ila_ranking)
+    else:
+        source = RankingFile(spec=str(cfg.ila_ranking), local_path=Path(cfg.ila_ranking))
+    path = source.local_path
     if not may_search and (not path.exists() or mode == "always"):
         return None
+    if training:
+        check_copy_target(cfg, source, info.fingerprint)
     if mode == "never" or (mode == "auto" and path.exists()):
-        ranking = load_ranking(path)
-        for warning in check_architecture(ranking, info.fingerprint, cfg.base_model, path):
+        ranking = load_ranking(path, label=source.spec)
+        for warning in check_architecture(ranking, info.fingerprint, cfg.base_model, source.spec):
             LOG.warning("ILA: %s", warning)
         for warning in certainty_warnings(ranking.search):  # a fresh search logs its own
-            LOG.warning("ILA: %s (%s)", warning, path)
-        if is_main_process():
+            LOG.warning("ILA: %s (%s)", warning, source.spec)
+        if is_main_process() and source.hub is None:
             remove_stale_temp_files(path)
-        return FoundRanking(path, ranking)
+        return FoundRanking(source, ranking)
     check_writable(path, info.fingerprint)
     if run_search is None:
         raise RankingError(f"no ranking at {path} and no search available in this context.")
@@ -292,7 +307,7 @@ def find_or_search_ranking(
     ranking = load_ranking(path)
     if is_main_process():
         write_heatmap(ranking, path, cfg)
-    return FoundRanking(path, ranking, result.warm)
+    return FoundRanking(RankingFile(spec=str(path), local_path=path), ranking, result.warm)
 
 
 def select_modules(cfg: Any, info: ModelInfo, strategy: str, found: FoundRanking | None) -> Selection:
@@ -383,6 +398,66 @@ def write_heatmap(ranking: Ranking, ranking_path: Path, cfg: Any) -> None:
 
 
 def write_record(plan: Plan, output_dir: str | Path) -> Path:
+    """``ila_selection.json`` in ``output_dir``, and beside it a copy of the
+    ranking the selection came from (``ila_ranking.json``), which the record names.
+    Main process only."""
+    if plan.ranking_file is not None and (plan.ranking_identity or {}).get("copy"):
+        copy_ranking(plan.ranking_file, output_dir)
     path = Path(output_dir) / RECORD_NAME
     write_json_atomic(path, plan.record())
     return path
+
+
+def model_card_note(plan: Plan, cfg: Any) -> str:
+    """A few lines for the model card: what the adapter covers, chosen how, and
+    the files in the folder that say which modules and why."""
+    selection = plan.selection
+    kept, total = len(selection.kept), len(selection.kept) + len(selection.dropped)
+    how = f"`ila_strategy: {selection.strategy}`, {selection.mode} {selection.fraction:g}"
+    if selection.strategy == "ila":
+        chosen = f"chosen by ILA layer importance ([arXiv 2410.17875](https://arxiv.org/abs/2410.17875); {how})"
+    else:
+        chosen = f"chosen by axolotl-ila ({how})"
+    what = (
+        f"The LoRA adapter covers {kept} of the {total} candidate modules"
+        if cfg.adapter
+        else f"The training updated {kept} of the {total} candidate linear modules (the others stayed frozen)"
+    )
+    lines = ["## Layer selection (axolotl-ila)", "", f"{what}, {chosen}."]
+    identity = plan.ranking_identity or {}
+    if identity.get("copy"):
+        origin = f", from `{identity['path']}`" if identity.get("hub") else ""
+        lines.append(f"The ranking that chose them is `{identity['copy']}`{origin}; the kept and dropped modules are listed in `{RECORD_NAME}`.")
+    else:
+        lines.append(f"The kept and dropped modules are listed in `{RECORD_NAME}`.")
+    return "\n".join(lines)
+
+
+def check_copy_target(cfg: Any, source: RankingFile, fingerprint: str) -> None:
+    """Before any expensive work: the ranking's copy can go to ``output_dir``
+    (nothing there, the ranking itself, or an earlier copy of this architecture's
+    ranking; never a file of the user's)."""
+    target = Path(output_dir(cfg)) / RANKING_COPY_NAME
+    if target.exists() and source.local_path.exists() and target.samefile(source.local_path):
+        return
+    try:
+        check_writable(target, fingerprint)
+    except RankingError as exc:
+        raise RankingError(
+            f"ILA copies the ranking a training uses into output_dir as {RANKING_COPY_NAME}, but {exc} "
+            f"Use a fresh output_dir, or move {target} away."
+        ) from exc
+
+
+def copy_ranking(ranking_file: Path, output_dir: str | Path) -> Path:
+    """The ranking's exact bytes (so its sha256 is the recorded one) as
+    ``OUTPUT_DIR/ila_ranking.json``, atomically; a no-op when it is that file."""
+    target = Path(output_dir) / RANKING_COPY_NAME
+    if target.exists() and target.samefile(ranking_file):
+        return target
+    data = Path(ranking_file).read_bytes()
+    if target.exists() and target.read_bytes() == data:
+        return target
+    check_writable(target, load_ranking(ranking_file).fingerprint)
+    write_bytes_atomic(target, data)
+    return target

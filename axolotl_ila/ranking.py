@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from axolotl_ila.hub import is_hub_path
+
 LOG = logging.getLogger("axolotl.ila")
 
 FORMAT = "axolotl-ila-ranking"
@@ -201,17 +203,54 @@ def parse_ranking(data: Any, path: str | os.PathLike = "<memory>") -> Ranking:
     return Ranking(modules=modules, model=model, search=search, scorer=scorer)
 
 
-def load_ranking(path: str | os.PathLike) -> Ranking:
+def load_ranking(path: str | os.PathLike, label: str | None = None) -> Ranking:
+    """Read and validate a ranking: a local file, or ``hf://OWNER/REPO[@REVISION]/PATH.json``
+    (fetched into the Hugging Face cache). ``label`` names the file in errors."""
+    if is_hub_path(path):
+        return load_ranking(locate_ranking(path).local_path, label=str(path))
     path = Path(path)
+    name = label or path
     if not path.exists():
-        raise RankingError(f"ranking file {path} does not exist. {_REMAKE}")
+        raise RankingError(f"ranking file {name} does not exist. {_REMAKE}")
     if not path.is_file():
-        raise _fail(path, "is not a file", "Point `ila_ranking` at a .json file.")
+        raise _fail(name, "is not a file", "Point `ila_ranking` at a .json file.")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _fail(path, f"is not valid JSON ({exc})", _REMAKE) from exc
-    return parse_ranking(data, path)
+        raise _fail(name, f"is not valid JSON ({exc})", _REMAKE) from exc
+    return parse_ranking(data, name)
+
+
+@dataclass(frozen=True)
+class RankingFile:
+    """Where a ranking is read from: what the user wrote (``spec``), the file on
+    this machine, and for a Hub ranking the repo, revision and commit it came from."""
+
+    spec: str
+    local_path: Path
+    hub: Any = None  # hub.HubFile
+
+    def identity(self, ranking: Ranking) -> dict[str, Any]:
+        """How a run records the ranking it used (``ila_selection.json``)."""
+        out: dict[str, Any] = {"path": self.spec, "digest": file_digest(self.local_path), "fingerprint": ranking.fingerprint}
+        if self.hub is not None:
+            out["hub"] = self.hub.identity()
+        return out
+
+
+def locate_ranking(spec: str | os.PathLike) -> RankingFile:
+    """A local path as it is (not checked here); an ``hf://`` path fetched into
+    the Hugging Face cache, or a ``RankingError`` saying why not and what to do."""
+    if is_hub_path(spec):
+        from axolotl_ila.hub import HubPathError, fetch, parse_hub_path
+
+        try:
+            source = parse_hub_path(str(spec))
+        except HubPathError as exc:
+            raise RankingError(str(exc)) from exc
+        hub_file = fetch(source)
+        return RankingFile(spec=str(spec), local_path=hub_file.local_path, hub=hub_file)
+    return RankingFile(spec=str(spec), local_path=Path(spec))
 
 
 def check_architecture(
@@ -251,6 +290,12 @@ def check_writable(path: str | os.PathLike, fingerprint: str) -> None:
     of the same architecture (a refreshed search). Anything else is the user's
     file and is left alone.
     """
+    if is_hub_path(path):
+        raise RankingError(
+            f"{path} is on the Hugging Face Hub, which axolotl-ila does not write to. Write the ranking to a "
+            f"local file (ila_ranking: rankings/NAME.json, or `-o` of `axolotl-ila combine`), then upload it "
+            f"with `hf upload OWNER/REPO rankings/NAME.json rankings/NAME.json`."
+        )
     path = Path(path)
     if path.is_dir():
         raise RankingError(f"ila_ranking {path} is a directory; give a file path such as {path / 'ranking.json'}.")
@@ -385,6 +430,18 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
         with temp.open("w", encoding="utf-8") as handle:
             json.dump(data, handle, indent=2)
             handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    write_atomic(path, write)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write bytes so that readers see the old file or the new one, never half."""
+
+    def write(temp: Path) -> None:
+        with temp.open("wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
 

@@ -10,6 +10,11 @@ the step count, and a resumed run's selection.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 
@@ -110,3 +115,59 @@ def test_a_run_that_searched_resumes_with_its_recorded_selection(tiny_llama, tmp
     assert (run / "ila_selection.json").read_bytes() == record
     assert read_json(run / "checkpoint-24" / "trainer_state.json")["global_step"] == 24
     assert adapter_modules(run) == kept
+
+
+MISMATCH = "do not match the ones in the `trainer_state.json`"
+
+
+def no_checkpoints_config(workspace, out, **overrides):
+    """Continuing from the warm-up, logging every 5 steps (the warm-up logs every
+    step), saving no checkpoints of its own."""
+    cfg = continuing_config(workspace, out, logging_steps=5, **overrides)
+    cfg["save_strategy"] = "no"
+    del cfg["save_steps"]
+    return cfg
+
+
+def test_without_checkpoints_the_run_continues_quietly_and_removes_the_warmup_checkpoint(tiny_llama, tmp_path):
+    cfg = no_checkpoints_config(tiny_llama, tmp_path)
+    result = run_train(write_config(cfg, tmp_path / "config.yml"))
+    logs = result.stdout + result.stderr
+    run = tmp_path / "run"
+    assert "the training continues from the warm-up's step 8" in logs
+    # The handover checkpoint carried the training's own intervals: no warning on loading it.
+    assert MISMATCH not in logs
+    # Once the training finished, nothing resumes from it: it is gone, and the log says why.
+    assert not (run / f"checkpoint-{WARMUP}").exists()
+    assert not list(run.glob("checkpoint-*"))
+    assert f"removed the warm-up's checkpoint {run / f'checkpoint-{WARMUP}'}" in logs
+    assert adapter_modules(run) == set(load_ranking(tmp_path / "ranking.json").names[:21])
+
+
+def test_a_run_killed_after_the_handover_resumes_from_the_warmup_checkpoint_then_removes_it(tiny_llama, tmp_path):
+    cfg = no_checkpoints_config(tiny_llama, tmp_path, auto_resume_from_checkpoints=True)
+    cfg["max_steps"] = 60  # far more than the few seconds between the handover and the kill
+    config = write_config(cfg, tmp_path / "config.yml")
+    run = tmp_path / "run"
+    handoff = run / f"checkpoint-{WARMUP}"
+    log = tmp_path / "first.log"
+    env = {**os.environ, "AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    with open(log, "w") as handle:
+        first = subprocess.Popen([sys.executable, "-m", "axolotl.cli.train", str(config)], stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+        deadline = time.time() + 600
+        while "the training continues from the warm-up's step" not in log.read_text() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        first.kill()
+        first.wait(timeout=60)
+    assert "the training continues from the warm-up's step 8" in log.read_text(), log.read_text()[-4000:]
+    assert not (run / "adapter_model.safetensors").exists()  # killed before the end
+    # Killed mid-run: the warm-up checkpoint is what a resumed run needs, so it stays.
+    assert (handoff / "ila_handoff.json").exists()
+
+    result = run_train(config)
+    logs = result.stdout + result.stderr
+    assert "ILA: resuming with the selection recorded" in logs
+    assert "ILA search: warm-up" not in logs
+    assert MISMATCH not in logs
+    assert not handoff.exists()
+    assert adapter_modules(run) == set(load_ranking(tmp_path / "ranking.json").names[:21])

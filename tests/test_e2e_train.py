@@ -24,6 +24,9 @@ def test_search_runs_then_adapters_sit_exactly_on_the_selection(searched):
     assert set(record["dropped"]) == expected_dropped
     assert adapter_modules(run_dir) == set(ranking.names[:21])
     assert record["ranking"]["fingerprint"] == ranking.fingerprint
+    # The adapter's folder carries the ranking that chose its modules, and the record names it.
+    assert record["ranking"]["copy"] == "ila_ranking.json"
+    assert (run_dir / "ila_ranking.json").read_bytes() == searched["ranking"].read_bytes()
     assert "ILA search: warm-up" in searched["result"].stderr + searched["result"].stdout
     # The search's scratch run leaves no checkpoints behind.
     assert not list((run_dir / ".ila_search").glob("checkpoint-*"))
@@ -38,6 +41,8 @@ def test_second_run_reuses_the_ranking_without_searching(searched, tiny_llama):
     assert "ILA search: warm-up" not in logs
     assert searched["ranking"].read_bytes() == before
     assert adapter_modules(out / "run2") == adapter_modules(out / "run")
+    assert read_json(out / "run2" / "ila_selection.json")["ranking"]["copy"] == "ila_ranking.json"
+    assert (out / "run2" / "ila_ranking.json").read_bytes() == before
 
 
 def test_qlora_keep_fraction_trains_only_the_top_modules(searched, tiny_llama, tmp_path):
