@@ -3,8 +3,15 @@
 
 from __future__ import annotations
 
-import json
 import os
+
+# The suite runs on two xdist workers (pyproject's addopts); each worker, and
+# every training it starts, uses one thread, or two torch jobs on two cores
+# slow each other down many times over.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import json
 import subprocess
 import sys
 from pathlib import Path

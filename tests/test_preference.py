@@ -149,7 +149,11 @@ def test_a_search_on_dpo_data_writes_a_ranking_made_with_the_dpo_loss_and_trains
     warmup_steps = ranking.search["stage1"]["steps"]
     assert ranking.search["stage1"]["continued_by_training"] is True
     assert f"the training continues from the warm-up's step {warmup_steps}" in logs
-    assert (run_dir / f"checkpoint-{warmup_steps}" / "ila_handoff.json").exists()
+    # Without checkpoints (save_strategy: "no") the warm-up's checkpoint is
+    # removed once the training has finished from it.
+    checkpoint = run_dir / f"checkpoint-{warmup_steps}"
+    assert f"removed the warm-up's checkpoint {checkpoint}" in logs
+    assert not checkpoint.exists()
     assert "Training completed!" in logs
 
 
