@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 
 from axolotl_ila.ranking import write_json_atomic
+from benchmarks.common import CPU_TRAINING
 
 from . import data as pairs_data
 from .evaluate import bootstrap_interval, completion_logps, load_policy, mean, pair_metrics
@@ -45,31 +46,8 @@ ENV = {**os.environ, "AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "CUDA_V
 BETA = 0.1
 VARIANTS = ("all", "ila-dpo", "ila-sft")  # LoRA on every module; ILA drop 25% by the DPO / SFT ranking
 
-TRAINING: dict[str, Any] = {
-    "sequence_len": 160,
-    "sample_packing": False,
-    "val_set_size": 0.0,
-    "micro_batch_size": 4,
-    "gradient_accumulation_steps": 1,
-    "optimizer": "adamw_torch",
-    "lr_scheduler": "cosine",
-    "warmup_steps": 4,
-    "learning_rate": 5e-4,
-    "bf16": False,
-    "fp16": False,
-    "tf32": False,
-    "save_strategy": "no",
-    "logging_steps": 1,
-    "dataset_num_proc": 1,
-    "lora_mlp_kernel": False,
-    "lora_qkv_kernel": False,
-    "lora_o_kernel": False,
-    "adapter": "lora",
-    "lora_r": 8,
-    "lora_alpha": 16,
-    "lora_dropout": 0.0,
-    "lora_target_linear": True,
-}
+# The other studies' CPU settings for SmolLM2, with room for a prompt and its answer.
+TRAINING: dict[str, Any] = {**CPU_TRAINING, "sequence_len": 160, "val_set_size": 0.0, "warmup_steps": 4, "dataset_num_proc": 1}
 
 
 def write_config(path: Path, cfg: dict[str, Any]) -> Path:
