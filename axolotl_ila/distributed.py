@@ -9,7 +9,8 @@ ranks train the same selection even if their own scores differed in the last bit
 from __future__ import annotations
 
 import os
-from typing import Callable, TypeVar
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch.distributed as dist
 
@@ -81,3 +82,24 @@ def same_on_all_ranks(value: str) -> bool:
     gathered: list[str | None] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, value)
     return all(v == value for v in gathered)
+
+
+def is_zero3_partitioned(param) -> bool:
+    """A parameter DeepSpeed ZeRO-3 partitioned: outside a forward each rank holds
+    only its partition (``param.ds_tensor``), and ``param`` itself is empty."""
+    return hasattr(param, "ds_id") and hasattr(param, "ds_status")
+
+
+@contextmanager
+def gathered(params: Iterable) -> Iterator[None]:
+    """The whole of each parameter for the duration, read-only. Under ZeRO-3 this
+    is a collective (``deepspeed.zero.GatheredParameters``): every rank must
+    enter it for the same parameters in the same order. Otherwise it does nothing."""
+    partitioned = [p for p in params if is_zero3_partitioned(p)]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield

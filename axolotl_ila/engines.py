@@ -1,9 +1,11 @@
 """Which distributed engine a config trains under, and what ILA does there.
 
 docs/multi-gpu.md has the whole matrix. In short: one process, DDP and FSDP2
-run everything that is tested; FSDP1 and DeepSpeed are refused at config load,
-before any work, because no test here has run them (accelerate starts neither
-FSDP1's flat parameters nor DeepSpeed on CPU processes, and CI has no GPU).
+run everything that is tested; DeepSpeed ZeRO-2 and ZeRO-3 run LoRA with a
+cached ranking and with the search, training afresh after it (no one-run
+continuation). What no test here has run is refused at config load, before any
+work: FSDP1, other ZeRO stages, QLoRA and full fine-tuning under DeepSpeed, the
+one-run continuation under DeepSpeed, ``ila_gate_train_lora`` under DeepSpeed.
 
 The functions read a raw config dict (before validation) or axolotl's
 validated config alike.
@@ -11,7 +13,9 @@ validated config alike.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 SHARDED = "SHARDED_STATE_DICT"
@@ -52,17 +56,67 @@ def engine(cfg: Any) -> str | None:
     return None
 
 
+def deepspeed_stage(cfg: Any) -> int | None:
+    """The ZeRO stage of ``deepspeed:`` (a JSON file's path or the dict itself);
+    None when it cannot be read."""
+    block = cfg.get("deepspeed")
+    if isinstance(block, (str, Path)):
+        try:
+            block = json.loads(Path(block).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+    if not isinstance(block, Mapping):
+        return None
+    zero = block.get("zero_optimization")
+    stage = zero.get("stage", 0) if isinstance(zero, Mapping) else 0
+    try:
+        return int(stage)
+    except (TypeError, ValueError):
+        return None
+
+
+def _deepspeed_refusal(cfg: Any) -> str | None:
+    stage = deepspeed_stage(cfg)
+    if stage is None:
+        return (
+            f"axolotl_ila.ILAPlugin could not read the ZeRO stage of deepspeed: {cfg.get('deepspeed')!r} "
+            f"(zero_optimization.stage in a readable JSON file, or the dict itself); ILA supports ZeRO-2 "
+            f"and ZeRO-3 only. Point deepspeed: at the JSON file, e.g. axolotl's deepspeed_configs/zero2.json"
+        )
+    if stage not in (2, 3):
+        return (
+            f"axolotl_ila.ILAPlugin supports DeepSpeed ZeRO-2 and ZeRO-3 only (zero_optimization.stage: 2 "
+            f"or 3), not stage {stage}: no test has run ILA under it. Use a ZeRO-2 or ZeRO-3 config "
+            f"(axolotl's deepspeed_configs/zero2.json, zero3.json), or DDP; see docs/multi-gpu.md"
+        )
+    if cfg.get("load_in_4bit") or cfg.get("load_in_8bit") or cfg.get("adapter") == "qlora":
+        return (
+            "axolotl_ila.ILAPlugin does not support quantized models (adapter: qlora, load_in_4bit, "
+            "load_in_8bit) under DeepSpeed: no test has run them (the tests train on CPU processes, where "
+            "DeepSpeed's ZeRO runs LoRA but a quantized base was never tried). Use adapter: lora under "
+            "DeepSpeed, or QLoRA under FSDP2 (fsdp_version: 2), which is tested; see docs/multi-gpu.md"
+        )
+    if not cfg.get("adapter"):
+        return (
+            f"axolotl_ila.ILAPlugin does not support full fine-tuning (no adapter:) under DeepSpeed "
+            f"ZeRO-{stage}: no test has run it. Use adapter: lora under DeepSpeed, or full fine-tuning "
+            f"under FSDP2 (fsdp_version: 2) or DDP, which are tested; see docs/multi-gpu.md"
+        )
+    if cfg.get("ila_gate_train_lora"):
+        return (
+            "ila_gate_train_lora: true is not supported under DeepSpeed: it trains the LoRA weights beside "
+            "the gates with its own optimizer on param.grad, which ZeRO takes into its own partitioned "
+            "gradient buffers, and no test has run it. Remove ila_gate_train_lora (the gates then train "
+            "with LoRA frozen, as tested under ZeRO-2 and ZeRO-3)"
+        )
+    return None
+
+
 def engine_refusal(cfg: Any) -> str | None:
     """Why ILA refuses this config's engine, or None."""
     name = engine(cfg)
     if name == "deepspeed":
-        return (
-            "axolotl_ila.ILAPlugin does not support DeepSpeed (deepspeed: ...): no test has run ILA under "
-            "ZeRO-2 or ZeRO-3 (accelerate does not start DeepSpeed on CPU processes, and the project's CI "
-            "has no GPU), and ZeRO partitions the weights the search gates and the selection freezes. "
-            "Shard with FSDP2 instead (fsdp_version: 2 and an fsdp_config block), which is tested; "
-            "see docs/multi-gpu.md"
-        )
+        return _deepspeed_refusal(cfg)
     if name == "fsdp1":
         return (
             "axolotl_ila.ILAPlugin supports FSDP version 2 only (fsdp_version: 2): FSDP1 flattens the "
@@ -75,6 +129,16 @@ def engine_refusal(cfg: Any) -> str | None:
 
 def continuation_refusal(cfg: Any) -> str | None:
     """Why the engine cannot continue the training from the warm-up, or None."""
+    if engine(cfg) == "deepspeed":
+        return (
+            "under DeepSpeed the warm-up would have to hand over as a checkpoint in DeepSpeed's own layout "
+            "(global_step<N>/: each rank's ZeRO partition of the flattened fp32 weights and AdamW moments of "
+            "the kept modules only, re-flattened for the training's smaller parameter set), and that handover "
+            "is not built: the warm-up's optimizer holds ZeRO's flat partitions, not the LoRA weights ILA "
+            "hands over under DDP and FSDP2. Under DeepSpeed the run searches, then trains afresh with the "
+            "selection; for the one-run continuation use DDP or FSDP2 (fsdp_version: 2 with "
+            "fsdp_config.state_dict_type: SHARDED_STATE_DICT)"
+        )
     if engine(cfg) == "fsdp2" and fsdp_state_dict_type(cfg) != SHARDED:
         return (
             f"under FSDP2 the warm-up hands over as a checkpoint the engine resumes from, and with "

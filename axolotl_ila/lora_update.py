@@ -31,9 +31,14 @@ def update_norm(layer: Any, adapter: str = "default") -> float:
     expert parameter: of the stack of per-expert updates).
 
     Computed through r x r matrices: ||BA||^2 = trace((B^T B)(A A^T)).
+    Under DeepSpeed ZeRO-3 the weights are gathered first (a collective: every
+    rank computes every layer's norm, in the same order).
     """
-    a = layer.lora_A[adapter].weight.float()
-    b = layer.lora_B[adapter].weight.float()
+    from axolotl_ila.distributed import gathered
+
+    with gathered([layer.lora_A[adapter].weight, layer.lora_B[adapter].weight]):
+        a = layer.lora_A[adapter].weight.float().clone()
+        b = layer.lora_B[adapter].weight.float().clone()
     experts = getattr(layer, "num_experts", 1) if _is_param_wrapper(layer) else 1
     # PEFT's layout: A rows are expert-major (experts x r x in), B columns
     # rank-major (out x r x experts).

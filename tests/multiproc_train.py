@@ -104,6 +104,29 @@ def _cpu_fsdp() -> None:
     AcceleratorState.__init__ = __init__
 
 
+def _cpu_deepspeed() -> None:
+    """DeepSpeed: accelerate starts DeepSpeed only on ranks that are not ``cpu``
+    (``PartialState.__init__``), and a rank that is neither ``cpu`` nor on an
+    accelerator gets no backend at all (``_prepare_backend`` returns ``None``,
+    and the run becomes one process). Here a DeepSpeed run's CPU ranks get the
+    backend accelerate gives CPU ranks (gloo, ``MULTI_CPU``), so that accelerate
+    itself starts DeepSpeed on them (``deepspeed.comm.init_distributed``) and
+    makes the run ``DEEPSPEED``; DeepSpeed's own CPU accelerator runs the engine."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    original = PartialState._prepare_backend
+
+    def _prepare_backend(self, cpu=False, sagemaker_dp=False, backend=None):
+        found, kind = original(self, cpu, sagemaker_dp, backend)
+        wants_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+        if wants_deepspeed and not cpu and found is None and int(os.environ.get("LOCAL_RANK", -1)) != -1:
+            return "gloo", DistributedType.MULTI_CPU
+        return found, kind
+
+    PartialState._prepare_backend = _prepare_backend
+
+
 def _load_indexed_cpu_locations() -> None:
     """Resuming: the HF trainer loads the optimizer state with ``map_location=args.device``,
     which accelerate gives as ``cpu:<rank>`` on several CPU processes; ``torch.load``
@@ -215,6 +238,7 @@ def main(config: str) -> None:
     _cpu_device_mesh()
     _cpu_fsdp()
     _cpu_qlora_fsdp_device_map()
+    _cpu_deepspeed()
     _load_indexed_cpu_locations()
     _count_ranking_writes()
     _watch_trainer()

@@ -6,6 +6,7 @@ messages tested here are the ones users see; a refused config writes nothing.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -183,14 +184,49 @@ def test_positive_integers(refused, key):
 # -- cross-key checks on the raw dict (no axolotl load needed) ---------------------
 
 
-@pytest.mark.parametrize("adapter", ["lora", "qlora", None])
-@pytest.mark.parametrize("deepspeed", [{"zero_optimization": {"stage": 2}}, {"zero_optimization": {"stage": 3}}, "deepspeed_configs/zero3.json"])
-def test_deepspeed_is_refused_with_its_reason(adapter, deepspeed):
+ZERO2, ZERO3 = {"zero_optimization": {"stage": 2}}, {"zero_optimization": {"stage": 3}}
+
+
+@pytest.mark.parametrize("deepspeed", [ZERO2, ZERO3])
+def test_deepspeed_zero2_and_zero3_run_lora_and_train_afresh_after_the_search(deepspeed):
+    from axolotl_ila.args import check_combination, continues_by_default
+
+    cfg = {"ila_strategy": "first", "adapter": "lora", "deepspeed": deepspeed}
+    check_combination(cfg)  # not refused
+    assert not continues_by_default(cfg)
+    with pytest.raises(ValueError, match=r"ila_continue: true cannot work here: under DeepSpeed .*\(global_step<N>/") as info:
+        check_combination({**cfg, "ila_continue": True})
+    assert "use DDP or FSDP2" in str(info.value)
+
+
+def test_deepspeed_stage_is_read_from_the_json_file(tmp_path):
+    from axolotl_ila.engines import deepspeed_stage, engine_refusal
+
+    path = tmp_path / "zero3.json"
+    path.write_text(json.dumps(ZERO3), encoding="utf-8")
+    assert deepspeed_stage({"deepspeed": str(path)}) == 3
+    assert engine_refusal({"adapter": "lora", "deepspeed": str(path)}) is None
+    assert deepspeed_stage({"deepspeed": {"train_batch_size": 8}}) == 0  # no zero_optimization: stage 0
+    assert deepspeed_stage({"deepspeed": str(tmp_path / "missing.json")}) is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"deepspeed": {"zero_optimization": {"stage": 1}}}, r"supports DeepSpeed ZeRO-2 and ZeRO-3 only .* not stage 1"),
+        ({"deepspeed": {"train_batch_size": 8}}, r"supports DeepSpeed ZeRO-2 and ZeRO-3 only .* not stage 0"),
+        ({"deepspeed": "deepspeed_configs/absent.json"}, r"could not read the ZeRO stage of deepspeed: 'deepspeed_configs/absent.json'"),
+        ({"deepspeed": ZERO2, "adapter": "qlora", "load_in_4bit": True}, r"does not support quantized models .* under DeepSpeed: no test has run them"),
+        ({"deepspeed": ZERO3, "adapter": None}, r"does not support full fine-tuning \(no adapter:\) under DeepSpeed ZeRO-3: no test has run it"),
+        ({"deepspeed": ZERO2, "adapter": None}, r"does not support full fine-tuning \(no adapter:\) under DeepSpeed ZeRO-2"),
+        ({"deepspeed": ZERO3, "ila_gate_train_lora": True}, r"ila_gate_train_lora: true is not supported under DeepSpeed"),
+    ],
+)
+def test_what_deepspeed_has_not_run_is_refused_with_its_reason(overrides, message):
     from axolotl_ila.args import check_combination
 
-    with pytest.raises(ValueError, match=r"does not support DeepSpeed .* no test has run ILA under ZeRO-2 or ZeRO-3") as info:
-        check_combination({"ila_strategy": "first", "adapter": adapter, "deepspeed": deepspeed})
-    assert "fsdp_version: 2" in str(info.value)
+    with pytest.raises(ValueError, match=message):
+        check_combination({"ila_strategy": "first", "adapter": "lora", **overrides})
 
 
 def test_engine_of_a_raw_or_validated_config():
