@@ -12,6 +12,11 @@ then runs axolotl's real train entry point, started by
 HF trainer treat the CPU ranks as one distributed run; without it every rank
 would train alone although a process group exists.)
 
+DeepSpeed (``deepspeed:``, started with ``ACCELERATE_USE_CPU=false``) needs one
+more: accelerate starts DeepSpeed only on ranks it does not treat as CPU ranks,
+and gives a rank without an accelerator no backend (here: gloo, on which
+accelerate itself starts DeepSpeed; DeepSpeed's CPU accelerator does the rest).
+
 FSDP2 (``fsdp_version: 2``) needs three more redirections, each only of where
 things live, never of what axolotl or accelerate do with them: axolotl builds
 its device mesh for "cuda" (here: "cpu", gloo); accelerate makes CPU ranks
@@ -208,6 +213,13 @@ def _describe(error: str | None) -> dict[str, Any]:
         out["sharded_trainable"] = sorted(
             name for name, param in trainer.model.named_parameters()
             if param.requires_grad and type(param.data).__name__ == "DTensor"
+        )
+        engine = trainer.model_wrapped
+        out["zero_stage"] = engine.zero_optimization_stage() if type(engine).__name__ == "DeepSpeedEngine" else None
+        # ZeRO-3: outside a forward each rank holds only its partition, the parameter itself is empty.
+        out["zero3_partitioned_trainable"] = sorted(
+            name for name, param in trainer.model.named_parameters()
+            if param.requires_grad and hasattr(param, "ds_id") and param.numel() == 0 and param.ds_numel > 0
         )
         out["four_bit_linears"] = sum(type(m).__module__.startswith("bitsandbytes") and type(m).__name__ == "Linear4bit" for m in trainer.model.modules())
         out["trainable"] = sorted(

@@ -188,17 +188,17 @@ def test_two_process_gate_scores_equal_a_one_process_search_of_the_same_global_b
         assert module.update_norm == pytest.approx(norms_one[module.name], rel=1e-4), module.name
 
 
-def killed_then_resumed(config: Path, kill_after: int, launcher: str = "torchrun") -> tuple[Launch, Launch]:
+def killed_then_resumed(config: Path, kill_after: int, launcher: str = "torchrun", **env: str) -> tuple[Launch, Launch]:
     """Launch a run that searches; every rank dies (SIGKILL) once checkpoint
     ``kill_after`` is saved; launch it again. The second launch finds the ranking
     the first wrote and takes its selection from that file without searching
     (a cached ranking), checked against the recorded one, and resumes."""
-    killed = launch(config, launcher=launcher, ILA_TEST_KILL_AFTER_SAVE=str(kill_after))
+    killed = launch(config, launcher=launcher, ILA_TEST_KILL_AFTER_SAVE=str(kill_after), **env)
     assert killed.returncode != 0 and not killed.reports, killed.logs[-4000:]
     assert mentions(killed.logs, "ILA search: warm-up") == WORLD_SIZE
     wrote = log_lines(killed.logs, "ILA: wrote ranking")
     assert len(wrote) == 1 and "[RANK:" not in wrote[0], wrote
-    resumed = launch(config, launcher=launcher)
+    resumed = launch(config, launcher=launcher, **env)
     if resumed.returncode == 0:
         assert not log_lines(resumed.logs, "ILA search: warm-up")
         assert mentions(resumed.logs, "ILA: resuming with the selection recorded in") == WORLD_SIZE
@@ -428,3 +428,69 @@ def test_fsdp2_full_finetuning_searches_then_freezes_exactly_the_dropped_weights
     assert not log_lines(killed.logs, "the training continues from the warm-up")  # full fine-tuning trains afresh
     check_resumed_from_the_ranking(resumed, ranking, 4)
     check_full_finetuning(resumed, ranking, tiny_llama, tmp_path / "run")
+
+
+# -- DeepSpeed ZeRO-2 and ZeRO-3: LoRA, searched, then trained afresh ---------------
+
+# As axolotl's deepspeed_configs/zero2.json and zero3.json set them (fp32 here, on
+# CPU). ZeRO-3 keeps parameters under 100k elements whole on every rank by default
+# (stage3_param_persistence_threshold); 0 partitions every weight of the tiny model,
+# as ZeRO-3 partitions a large model's.
+ZERO = {
+    2: {"stage": 2},
+    3: {"stage": 3, "stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": True},
+}
+# DeepSpeed's launch: accelerate starts DeepSpeed only on ranks it does not treat as CPU ranks.
+DEEPSPEED_ENV = {"ACCELERATE_USE_CPU": "false"}
+
+
+def deepspeed_config(stage: int, folder: Path) -> Path:
+    path = folder / f"zero{stage}.json"
+    block = {"zero_optimization": ZERO[stage], "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+             "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+             "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}}
+    path.write_text(json.dumps(block), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_lora_searches_trains_the_selection_and_resumes(stage, two_ranks, tmp_path):
+    """``two_ranks`` again (same config, data order and steps) under ZeRO-2 or
+    ZeRO-3: both ranks search (ZeRO-3: on partitioned LoRA weights, gathered for
+    the update norms), one writes; the training starts afresh with adapters on
+    the kept modules only (no one-run continuation under DeepSpeed), is killed
+    after DeepSpeed's checkpoint 8 and resumes from it with the ranking's selection."""
+    ranking = tmp_path / "rankings" / "tiny-llama.json"
+    cfg = {**two_ranks["cfg"], "deepspeed": str(deepspeed_config(stage, tmp_path)), "ila_ranking": str(ranking),
+           "output_dir": str(tmp_path / "run"), "save_strategy": "steps", "save_steps": 8,
+           "auto_resume_from_checkpoints": True}
+    killed, resumed = killed_then_resumed(write_config(cfg, tmp_path / "config.yml"), 8, **DEEPSPEED_ENV)
+    check(resumed, wrapped="DeepSpeedEngine")
+    assert not log_lines(killed.logs, "the training continues from the warm-up")
+    kept, _ = kept_and_dropped(ranking)
+    for rank in (0, 1):
+        report = resumed.reports[rank]
+        assert report["zero_stage"] == stage
+        assert set(report["adapted"]) == kept
+        # LoRA A and B of each kept module train; under ZeRO-3 each rank holds only its partition of them.
+        assert len(report["trainable"]) == 2 * len(kept)
+        assert report["zero3_partitioned_trainable"] == (report["trainable"] if stage == 3 else [])
+    # The search on (partitioned) LoRA weights gives the DDP search's scores and
+    # update norms on the same batches, and the same order.
+    ds, ddp = load_ranking(ranking), load_ranking(two_ranks["ranking"])
+    assert ds.search["world_size"] == WORLD_SIZE and ds.names == ddp.names
+    ddp_scores = {m.name: (m.score, m.update_norm) for m in ddp.modules}
+    for module in ds.modules:
+        score, norm = ddp_scores[module.name]
+        assert module.score == pytest.approx(score, abs=1e-4), module.name
+        assert module.update_norm == pytest.approx(norm, rel=1e-4), module.name
+    # Resumed after the kill from DeepSpeed's own checkpoint 8, to step 10.
+    run_dir = tmp_path / "run"
+    assert (run_dir / "checkpoint-8" / "global_step8").is_dir()
+    check_resumed_from_the_ranking(resumed, ranking, cfg["max_steps"])
+    assert set(read_json(run_dir / "ila_selection.json")["kept"]) == kept
+    assert adapter_modules(run_dir / "checkpoint-8") == kept
+    assert adapter_modules(run_dir) == kept
+    saved = load_tensors(run_dir / "adapter_model.safetensors")
+    assert all(t.numel() > 0 for t in saved.values())  # whole tensors, not ZeRO-3 partitions
+    assert any(bool(t.abs().sum() > 0) for k, t in saved.items() if ".lora_B." in k)  # B starts at zero: it trained
