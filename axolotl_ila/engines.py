@@ -1,11 +1,11 @@
 """Which distributed engine a config trains under, and what ILA does there.
 
 docs/multi-gpu.md has the whole matrix. In short: one process, DDP and FSDP2
-run everything that is tested; DeepSpeed ZeRO-2 and ZeRO-3 run LoRA with a
-cached ranking and with the search, training afresh after it (no one-run
-continuation). What no test here has run is refused at config load, before any
-work: FSDP1, other ZeRO stages, QLoRA and full fine-tuning under DeepSpeed, the
-one-run continuation under DeepSpeed, ``ila_gate_train_lora`` under DeepSpeed.
+run everything that is tested; DeepSpeed ZeRO-2 and ZeRO-3 run LoRA and full
+fine-tuning with a cached ranking and with the search, training afresh after it
+(no one-run continuation). What no test here has run is refused at config load,
+before any work: FSDP1, other ZeRO stages, QLoRA under DeepSpeed, the one-run
+continuation under DeepSpeed, ``ila_gate_train_lora`` under DeepSpeed.
 
 The functions read a raw config dict (before validation) or axolotl's
 validated config alike.
@@ -95,12 +95,6 @@ def _deepspeed_refusal(cfg: Any) -> str | None:
             "load_in_8bit) under DeepSpeed: no test has run them (the tests train on CPU processes, where "
             "DeepSpeed's ZeRO runs LoRA but a quantized base was never tried). Use adapter: lora under "
             "DeepSpeed, or QLoRA under FSDP2 (fsdp_version: 2), which is tested; see docs/multi-gpu.md"
-        )
-    if not cfg.get("adapter"):
-        return (
-            f"axolotl_ila.ILAPlugin does not support full fine-tuning (no adapter:) under DeepSpeed "
-            f"ZeRO-{stage}: no test has run it. Use adapter: lora under DeepSpeed, or full fine-tuning "
-            f"under FSDP2 (fsdp_version: 2) or DDP, which are tested; see docs/multi-gpu.md"
         )
     if cfg.get("ila_gate_train_lora"):
         return (

@@ -188,7 +188,7 @@ ZERO2, ZERO3 = {"zero_optimization": {"stage": 2}}, {"zero_optimization": {"stag
 
 
 @pytest.mark.parametrize("deepspeed", [ZERO2, ZERO3])
-def test_deepspeed_zero2_and_zero3_run_lora_and_train_afresh_after_the_search(deepspeed):
+def test_deepspeed_zero2_and_zero3_run_lora_and_full_finetuning_and_train_afresh_after_the_search(deepspeed):
     from axolotl_ila.args import check_combination, continues_by_default
 
     cfg = {"ila_strategy": "first", "adapter": "lora", "deepspeed": deepspeed}
@@ -197,6 +197,7 @@ def test_deepspeed_zero2_and_zero3_run_lora_and_train_afresh_after_the_search(de
     with pytest.raises(ValueError, match=r"ila_continue: true cannot work here: under DeepSpeed .*\(global_step<N>/") as info:
         check_combination({**cfg, "ila_continue": True})
     assert "use DDP or FSDP2" in str(info.value)
+    check_combination({**cfg, "adapter": None})  # full fine-tuning: not refused
 
 
 def test_deepspeed_stage_is_read_from_the_json_file(tmp_path):
@@ -217,8 +218,6 @@ def test_deepspeed_stage_is_read_from_the_json_file(tmp_path):
         ({"deepspeed": {"train_batch_size": 8}}, r"supports DeepSpeed ZeRO-2 and ZeRO-3 only .* not stage 0"),
         ({"deepspeed": "deepspeed_configs/absent.json"}, r"could not read the ZeRO stage of deepspeed: 'deepspeed_configs/absent.json'"),
         ({"deepspeed": ZERO2, "adapter": "qlora", "load_in_4bit": True}, r"does not support quantized models .* under DeepSpeed: no test has run them"),
-        ({"deepspeed": ZERO3, "adapter": None}, r"does not support full fine-tuning \(no adapter:\) under DeepSpeed ZeRO-3: no test has run it"),
-        ({"deepspeed": ZERO2, "adapter": None}, r"does not support full fine-tuning \(no adapter:\) under DeepSpeed ZeRO-2"),
         ({"deepspeed": ZERO3, "ila_gate_train_lora": True}, r"ila_gate_train_lora: true is not supported under DeepSpeed"),
     ],
 )

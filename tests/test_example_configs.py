@@ -140,7 +140,7 @@ def test_models_and_fine_tuning_kind_match_the_file_name(path):
             assert str(cfg.base_model).endswith(models), cfg.base_model
     if name.endswith("-full"):
         assert not cfg.adapter
-        assert not cfg.deepspeed  # full fine-tuning under DeepSpeed is refused with ILA (docs/multi-gpu.md)
+        assert not cfg.deepspeed  # the full fine-tuning examples shard with FSDP2
     elif name.endswith("-qlora"):
         assert cfg.adapter == "qlora" and cfg.load_in_4bit
     elif name.endswith("-lora"):
