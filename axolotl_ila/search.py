@@ -87,8 +87,9 @@ def search_ranking(cfg: Any, dataset_meta: Any, info: ModelInfo, keep_warm_state
     cap = warmup_cap(cfg, total)
     scfg = search_config(cfg, cap, continuing=keep_warm_state)
     LOG.info(
-        "ILA search: warm-up until the ranking settles, at most %d steps (%d planned for training%s), "
+        "ILA search: warm-up of %s%d steps (%d planned for training%s), "
         "then at most %d gate steps, on the %s loss",
+        "at most " if cfg.ila_warmup_early_stop else "",
         cap,
         total,
         "; the training continues from it" if keep_warm_state else "",
@@ -173,11 +174,12 @@ def _warm_up(
     every = int(cfg.ila_stability_window)
     settle = OrderSettle(agreement=cfg.ila_settle_agreement, min_steps=min(int(cfg.ila_warmup_min_steps or 0), cap))
     losses: list[float] = []
-    callback = warmup_callback(RankingProbe(trainer, layers), settle, every, cap, losses)
+    early_stop = bool(cfg.ila_warmup_early_stop)
+    callback = warmup_callback(RankingProbe(trainer, layers), settle, every, cap, losses, early_stop)
     trainer.add_callback(callback)
     trainer.train()
     wall_s = time.perf_counter() - started
-    stage1 = _warm_up_record(scfg, trainer, callback.stop_reason, settle, every, losses, total, cap, keep_warm_state, wall_s)
+    stage1 = _warm_up_record(scfg, trainer, callback.stop_reason, early_stop, settle, every, losses, total, cap, keep_warm_state, wall_s)
     LOG.info("ILA warm-up stopped after %d steps (%s)", stage1["steps"], stage1["stop_reason"])
     return trainer, layers, stage1
 
@@ -186,6 +188,7 @@ def _warm_up_record(
     scfg: Any,
     trainer: Any,
     stop_reason: str,
+    early_stop: bool,
     settle: OrderSettle,
     every: int,
     losses: list[float],
@@ -202,6 +205,7 @@ def _warm_up_record(
         "planned_training_steps": total,
         "fraction_of_training": steps_done / total,
         "stop_reason": stop_reason,
+        "early_stop": early_stop,
         "settle": {
             "signal": "order of the gate gradient at the gates' start (one micro-batch, smoothed), "
             "compared with the order at half the steps; and the loss no longer clearly falling",

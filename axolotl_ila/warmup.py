@@ -113,11 +113,12 @@ def clearly_falling(losses: list[float]) -> bool:
     return trend is not None and trend["t_stat"] < -FALLING_T_STAT
 
 
-def warmup_callback(probe: RankingProbe, settle: OrderSettle, every: int, cap: int, losses: list[float]):
-    """Stops the warm-up when the probed ranking has settled and the loss is no
-    longer clearly falling, or at ``cap``.
+def warmup_callback(probe: RankingProbe, settle: OrderSettle, every: int, cap: int, losses: list[float], early_stop: bool):
+    """Probes the ranking every ``every`` steps and stops the warm-up at ``cap``;
+    with ``early_stop``, also once the probed ranking has settled and the loss
+    is no longer clearly falling.
 
-    Both are needed: early in a warm-up the probed order can look steady simply
+    Both are needed for an early stop: early in a warm-up the probed order can look steady simply
     because every update is still small and alike (on a planted task it agreed
     with itself at step 20 and was wrong), while the loss, still falling fast,
     says the updates are far from what they will be."""
@@ -149,7 +150,7 @@ def warmup_callback(probe: RankingProbe, settle: OrderSettle, every: int, cap: i
                     )
                 # The probe is averaged across ranks and the logged loss is
                 # gathered across them, so every rank decides alike.
-                if settled and not clearly_falling(losses):
+                if early_stop and settled and not clearly_falling(losses):
                     self.stop_reason = "settled"
                     control.should_training_stop = True
             if step >= cap:

@@ -80,7 +80,7 @@ def part(results: dict, key: str, work: Path, compute) -> dict:
     return results[key]
 
 
-def study(model: Path, dataset: Path, seed: int, steps: int, batch: int, warmup_fraction: float, work: Path, results: dict) -> dict:
+def study(model: Path, dataset: Path, seed: int, steps: int, batch: int, warmup_fraction: float | None, work: Path, results: dict) -> dict:
     from axolotl_ila.analysis import jaccard, top_set
     from axolotl_ila.ranking import load_ranking
 
@@ -89,7 +89,7 @@ def study(model: Path, dataset: Path, seed: int, steps: int, batch: int, warmup_
     common = dict(
         eval_rows=True, seed=seed, max_steps=steps, micro_batch_size=batch, eval_strategy="steps", eval_steps=steps,
         plugins=["axolotl_ila.ILAPlugin"], ila_ranking=str(ranking), ila_drop_fraction=0.25,
-        ila_warmup_fraction=warmup_fraction,
+        **({} if warmup_fraction is None else {"ila_warmup_fraction": warmup_fraction}),
     )
     first_cfg = config(model, dataset, work, f"{name}-first", **common)
     if any(f"{name}|{part_name}" not in results for part_name in ("first", "cached", "paper")):
@@ -140,8 +140,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--micro-batch-size", type=int, default=2, help="2 keeps a SmolLM2 step near one second on 2 cores")
     parser.add_argument(
-        "--warmup-fraction", type=float, default=0.25,
-        help="ila_warmup_fraction of the first run (the committed table ran at 0.25; the plugin's default is 0.5)",
+        "--warmup-fraction", type=float, default=None,
+        help="ila_warmup_fraction of the first run; default: not set, the plugin's default",
     )
     parser.add_argument("--runs", nargs="+", default=["manpages:1", "manpages:2", "manpages:3", "python-reference:1", "stdlib-docs:1"])
     args = parser.parse_args(argv)
@@ -149,8 +149,7 @@ def main(argv=None) -> int:
     results_path = work / "results.json"
     results = json.loads(results_path.read_text(encoding="utf-8")) if results_path.exists() else {}
     settings = {"steps": args.steps, "micro_batch_size": args.micro_batch_size, "warmup_fraction": args.warmup_fraction}
-    # A results file without a warm-up fraction was made at 0.25.
-    held = {"warmup_fraction": 0.25, **results.setdefault("settings", settings)}
+    held = results.setdefault("settings", settings)
     if held != settings:
         raise SystemExit(
             f"{results_path} holds runs made with {held}, not {settings}: "
@@ -165,7 +164,10 @@ def main(argv=None) -> int:
             raise SystemExit(f"--runs {item}: no {dataset / 'train.jsonl'}; build the datasets with bash benchmarks/common/setup.sh")
         rows.append((item, study(args.model.resolve(), dataset.resolve(), int(seed), args.steps, args.micro_batch_size, args.warmup_fraction, work, results)))
 
-    print(f"\nmodel {args.model}, {args.steps} planned steps, micro-batch {args.micro_batch_size} x 128 tokens, LoRA r=8, drop 25%, ila_warmup_fraction {args.warmup_fraction:g}")
+    search_keys = "every other ila_ key at its default" if args.warmup_fraction is not None else "every ila_ key at its default"
+    if args.warmup_fraction is not None:
+        search_keys = f"ila_warmup_fraction {args.warmup_fraction:g}, {search_keys}"
+    print(f"\nmodel {args.model}, {args.steps} planned steps, micro-batch {args.micro_batch_size} x 128 tokens, LoRA r=8, drop 25%, {search_keys}")
     versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in ("torch", "transformers", "peft", "axolotl"))
     print(f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs), Python {platform.python_version()}, {versions}, {time.strftime('%Y-%m-%d')}")
     print("| dataset:seed | warm-up steps (stop) | gate steps (stop) | gates s | switch s | s/step after the switch (cached run) | first run s | cached run s | first / cached | top-75% Jaccard vs paper-length | eval loss one run | eval loss two runs | one - two |")
