@@ -71,7 +71,7 @@ class ILAArgs(BaseModel):
         },
     )
 
-    # Search, stage 1 (warm-up): LoRA on every targeted module until the ranking settles.
+    # Search, stage 1 (warm-up): LoRA on every targeted module, for a fraction of the run.
     ila_warmup_fraction: float = Field(
         default=0.5,
         json_schema_extra={
@@ -82,7 +82,7 @@ class ILAArgs(BaseModel):
     )
     ila_warmup_max_steps: int | None = Field(
         default=None,
-        json_schema_extra={"description": "Absolute cap of the warm-up in optimizer steps (overrides ila_warmup_fraction)."},
+        json_schema_extra={"description": "Absolute length of the warm-up in optimizer steps (overrides ila_warmup_fraction)."},
     )
     ila_warmup_early_stop: bool = Field(
         default=False,

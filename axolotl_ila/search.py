@@ -2,13 +2,15 @@
 
 1. ``search_config``: the user's own config, changed only where a search must
    differ (LoRA on every candidate module, no checkpoints, no trackers).
-2. Stage 1 (``warmup``): axolotl builds the model and trainer and trains until
-   the probed ranking has settled, or the cap is reached.
+2. Stage 1 (``warmup``): axolotl builds the model and trainer and trains for
+   the warm-up's length, probing the ranking as it goes (with
+   ``ila_warmup_early_stop``, until the probed ranking has settled).
 3. ``update_norms``: how far each module's LoRA update moved (ALLO-style scorer).
 4. The warm-up's state is kept (``handoff.WarmState``) for the training to
    continue from, unless the config asks for the paper's two runs.
 5. Stage 2 (``gates``): base and LoRA frozen; module i's LoRA output is scaled
-   by sigmoid(s_i); the scores are learned until their order settles.
+   by sigmoid(s_i); the scores are learned until their order settles
+   (never before ``ila_gate_min_steps``).
    Both stages use the trainer's own loss (``trainer.compute_loss``): the
    supervised loss, or with ``rl:`` the preference loss (DPO, IPO, KTO, ORPO,
    SimPO), whose reference is the search model with its adapters disabled.

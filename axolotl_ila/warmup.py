@@ -1,18 +1,19 @@
-"""Stage 1 of the search: LoRA on every candidate module, until the ranking settles.
+"""Stage 1 of the search: LoRA on every candidate module, for the warm-up's length.
 
-A fine-tuning loss keeps falling slowly for a long time, so "the loss moves
-less than 2% between two windows" says little about whether the ranking is
-ready (on a planted task it stopped at 20 steps with the loss still falling
-fast and an attention module ranked 18th of 28). What the search needs is the
-ranking itself to stop changing, so that is what the warm-up watches: every
-``ila_stability_window`` steps it *probes* the ranking, i.e. computes the
-gradient of the training loss with respect to one gate per module at its
-starting value (the first step a gate search would take from here), on one
-micro-batch, averaged across processes and smoothed over probes. The warm-up
-stops when the order of the probe has settled (``gates.OrderSettle``) and the
-loss is no longer clearly falling (its trend over the last half of the steps is
-within two standard errors of flat), or at its cap. A probe costs one forward
-and backward of one micro-batch without weight gradients.
+Every ``ila_stability_window`` steps the warm-up *probes* the ranking, i.e.
+computes the gradient of the training loss with respect to one gate per module
+at its starting value (the first step a gate search would take from here), on
+one micro-batch, averaged across processes and smoothed over probes. The probes
+are logged, and how much their order still moved at the end is the warm-up's
+entry in ``search.certainty``. A probe costs one forward and backward of one
+micro-batch without weight gradients.
+
+With ``ila_warmup_early_stop`` the warm-up also stops before its length, once
+the probed order has settled (``gates.OrderSettle``) and the loss is no longer
+clearly falling (its trend over the last half of the steps is within two
+standard errors of flat). The loss alone says little (a fine-tuning loss keeps
+falling slowly for a long time), and the order alone can look steady early,
+while every update is still small and alike.
 """
 
 from __future__ import annotations

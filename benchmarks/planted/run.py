@@ -244,7 +244,7 @@ def run_task(seed: int, strategies: list[str], work: Path, results: Path) -> Non
 def table(results: Path, seeds: list[int], strategies: list[str]) -> str:
     rows = []
     tasks = [random_task(s) for s in seeds]
-    header = f"{'strategy':16s} {'tasks':>5s} {'median':>8s} {'worst':>8s} {'mean':>8s} {'recall':>7s} {'steps':>6s}  targets (median <= 0.01, worst <= 0.03)"
+    header = f"{'strategy':20s} {'tasks':>5s} {'median':>8s} {'worst':>8s} {'mean':>8s} {'recall':>7s} {'steps':>6s}  targets (median <= 0.01, worst <= 0.03)"
     rows.append(header)
     for name in strategies:
         found = [load_json(results / t.name / f"{name}.json") for t in tasks if (results / t.name / f"{name}.json").exists()]
@@ -254,7 +254,7 @@ def table(results: Path, seeds: list[int], strategies: list[str]) -> str:
         median, worst = statistics.median(regrets), max(regrets)
         met = ("met" if median <= 0.01 else "MISSED") + " / " + ("met" if worst <= 0.03 else "MISSED")
         rows.append(
-            f"{name:16s} {len(found):5d} {median:+8.4f} {worst:+8.4f} {statistics.mean(regrets):+8.4f} "
+            f"{name:20s} {len(found):5d} {median:+8.4f} {worst:+8.4f} {statistics.mean(regrets):+8.4f} "
             f"{statistics.mean(r['recall'] for r in found):7.2f} {statistics.mean(r['search_steps'] for r in found):6.0f}  {met}"
         )
     return "\n".join(rows)
