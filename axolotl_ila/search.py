@@ -2,13 +2,15 @@
 
 1. ``search_config``: the user's own config, changed only where a search must
    differ (LoRA on every candidate module, no checkpoints, no trackers).
-2. Stage 1 (``warmup``): axolotl builds the model and trainer and trains until
-   the probed ranking has settled, or the cap is reached.
+2. Stage 1 (``warmup``): axolotl builds the model and trainer and trains for
+   the warm-up's length, probing the ranking as it goes (with
+   ``ila_warmup_early_stop``, until the probed ranking has settled).
 3. ``update_norms``: how far each module's LoRA update moved (ALLO-style scorer).
 4. The warm-up's state is kept (``handoff.WarmState``) for the training to
    continue from, unless the config asks for the paper's two runs.
 5. Stage 2 (``gates``): base and LoRA frozen; module i's LoRA output is scaled
-   by sigmoid(s_i); the scores are learned until their order settles.
+   by sigmoid(s_i); the scores are learned until their order settles
+   (never before ``ila_gate_min_steps``).
    Both stages use the trainer's own loss (``trainer.compute_loss``): the
    supervised loss, or with ``rl:`` the preference loss (DPO, IPO, KTO, ORPO,
    SimPO), whose reference is the search model with its adapters disabled.
@@ -87,8 +89,9 @@ def search_ranking(cfg: Any, dataset_meta: Any, info: ModelInfo, keep_warm_state
     cap = warmup_cap(cfg, total)
     scfg = search_config(cfg, cap, continuing=keep_warm_state)
     LOG.info(
-        "ILA search: warm-up until the ranking settles, at most %d steps (%d planned for training%s), "
+        "ILA search: warm-up of %s%d steps (%d planned for training%s), "
         "then at most %d gate steps, on the %s loss",
+        "at most " if cfg.ila_warmup_early_stop else "",
         cap,
         total,
         "; the training continues from it" if keep_warm_state else "",
@@ -173,11 +176,12 @@ def _warm_up(
     every = int(cfg.ila_stability_window)
     settle = OrderSettle(agreement=cfg.ila_settle_agreement, min_steps=min(int(cfg.ila_warmup_min_steps or 0), cap))
     losses: list[float] = []
-    callback = warmup_callback(RankingProbe(trainer, layers), settle, every, cap, losses)
+    early_stop = bool(cfg.ila_warmup_early_stop)
+    callback = warmup_callback(RankingProbe(trainer, layers), settle, every, cap, losses, early_stop)
     trainer.add_callback(callback)
     trainer.train()
     wall_s = time.perf_counter() - started
-    stage1 = _warm_up_record(scfg, trainer, callback.stop_reason, settle, every, losses, total, cap, keep_warm_state, wall_s)
+    stage1 = _warm_up_record(scfg, trainer, callback.stop_reason, early_stop, settle, every, losses, total, cap, keep_warm_state, wall_s)
     LOG.info("ILA warm-up stopped after %d steps (%s)", stage1["steps"], stage1["stop_reason"])
     return trainer, layers, stage1
 
@@ -186,6 +190,7 @@ def _warm_up_record(
     scfg: Any,
     trainer: Any,
     stop_reason: str,
+    early_stop: bool,
     settle: OrderSettle,
     every: int,
     losses: list[float],
@@ -202,6 +207,7 @@ def _warm_up_record(
         "planned_training_steps": total,
         "fraction_of_training": steps_done / total,
         "stop_reason": stop_reason,
+        "early_stop": early_stop,
         "settle": {
             "signal": "order of the gate gradient at the gates' start (one micro-batch, smoothed), "
             "compared with the order at half the steps; and the loss no longer clearly falling",

@@ -1,18 +1,19 @@
-"""Stage 1 of the search: LoRA on every candidate module, until the ranking settles.
+"""Stage 1 of the search: LoRA on every candidate module, for the warm-up's length.
 
-A fine-tuning loss keeps falling slowly for a long time, so "the loss moves
-less than 2% between two windows" says little about whether the ranking is
-ready (on a planted task it stopped at 20 steps with the loss still falling
-fast and an attention module ranked 18th of 28). What the search needs is the
-ranking itself to stop changing, so that is what the warm-up watches: every
-``ila_stability_window`` steps it *probes* the ranking, i.e. computes the
-gradient of the training loss with respect to one gate per module at its
-starting value (the first step a gate search would take from here), on one
-micro-batch, averaged across processes and smoothed over probes. The warm-up
-stops when the order of the probe has settled (``gates.OrderSettle``) and the
-loss is no longer clearly falling (its trend over the last half of the steps is
-within two standard errors of flat), or at its cap. A probe costs one forward
-and backward of one micro-batch without weight gradients.
+Every ``ila_stability_window`` steps the warm-up *probes* the ranking, i.e.
+computes the gradient of the training loss with respect to one gate per module
+at its starting value (the first step a gate search would take from here), on
+one micro-batch, averaged across processes and smoothed over probes. The probes
+are logged, and how much their order still moved at the end is the warm-up's
+entry in ``search.certainty``. A probe costs one forward and backward of one
+micro-batch without weight gradients.
+
+With ``ila_warmup_early_stop`` the warm-up also stops before its length, once
+the probed order has settled (``gates.OrderSettle``) and the loss is no longer
+clearly falling (its trend over the last half of the steps is within two
+standard errors of flat). The loss alone says little (a fine-tuning loss keeps
+falling slowly for a long time), and the order alone can look steady early,
+while every update is still small and alike.
 """
 
 from __future__ import annotations
@@ -113,11 +114,12 @@ def clearly_falling(losses: list[float]) -> bool:
     return trend is not None and trend["t_stat"] < -FALLING_T_STAT
 
 
-def warmup_callback(probe: RankingProbe, settle: OrderSettle, every: int, cap: int, losses: list[float]):
-    """Stops the warm-up when the probed ranking has settled and the loss is no
-    longer clearly falling, or at ``cap``.
+def warmup_callback(probe: RankingProbe, settle: OrderSettle, every: int, cap: int, losses: list[float], early_stop: bool):
+    """Probes the ranking every ``every`` steps and stops the warm-up at ``cap``;
+    with ``early_stop``, also once the probed ranking has settled and the loss
+    is no longer clearly falling.
 
-    Both are needed: early in a warm-up the probed order can look steady simply
+    Both are needed for an early stop: early in a warm-up the probed order can look steady simply
     because every update is still small and alike (on a planted task it agreed
     with itself at step 20 and was wrong), while the loss, still falling fast,
     says the updates are far from what they will be."""
@@ -149,7 +151,7 @@ def warmup_callback(probe: RankingProbe, settle: OrderSettle, every: int, cap: i
                     )
                 # The probe is averaged across ranks and the logged loss is
                 # gathered across them, so every rank decides alike.
-                if settled and not clearly_falling(losses):
+                if early_stop and settled and not clearly_falling(losses):
                     self.stop_reason = "settled"
                     control.should_training_stop = True
             if step >= cap:

@@ -11,12 +11,13 @@ planted modules are no answer key (another module can train better within the
 steps), so the tests do not ask for them by name.
 
 The tasks are tasks of the benchmark suite (``benchmarks/planted``, seeds 2, 3
-and 5): three families, short runs (150-250 planned steps) and a long one
-(400+). Each margin is the regret the suite measured for that task at the
-default (0.000, 0.000 and 0.027) plus 0.03, the target for the worst task, so
-a change of the search that makes any of them clearly worse fails here. With
-the warm-up capped at a quarter of the run (the earlier default) the same
-tasks measured 0.000, 0.055 and 0.027 (docs/planted.md).
+and 16): three families, a short run (150-250 planned steps), a long one (400+)
+and one between. Each margin is the regret the suite measured for that task at
+the default (0.000 for all three) plus 0.03, the target for the worst task, so
+a change of the search that makes any of them clearly worse fails here. Task
+16 is one that ``ila_warmup_early_stop: true`` with ``ila_gate_min_steps: 16``
+fails (``ila_early16`` in the suite: the warm-up stops as settled at step 30
+of 175 and the top 3 train 0.099 worse than the planted set; docs/planted.md).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from axolotl_ila.planted import PlantedTask, build_task, load_json, random_task,
 CI_TASKS: dict[int, float] = {
     2: 0.0 + 0.03,  # llama, 2 blocks, 610 planned steps
     3: 0.0 + 0.03,  # qwen2 (q/k/v biases, grouped-query attention), 3 blocks, 170 steps
-    5: 0.0273 + 0.03,  # mistral (grouped-query attention), 4 blocks, 160 steps
+    16: 0.0 + 0.03,  # mistral (grouped-query attention), 5 blocks, 350 steps
 }
 
 

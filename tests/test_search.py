@@ -68,7 +68,7 @@ def test_order_settle_respects_min_steps():
 
 
 def test_the_warmup_does_not_stop_while_the_loss_is_clearly_falling():
-    """Its ranking probe says "settled" at every check; it still goes on while
+    """With ila_warmup_early_stop. Its ranking probe says "settled" at every check; it still goes on while
     the loss falls clearly (a slow, noisy fall as in fine-tuning), and stops once
     the loss is flat."""
     import random
@@ -83,10 +83,10 @@ def test_the_warmup_does_not_stop_while_the_loss_is_clearly_falling():
     flat = [4.3 + rng.gauss(0, 0.03) for _ in range(200)]
     assert not clearly_falling(flat[:40])
 
-    def stop_step(curve: list[float]) -> int | None:
+    def stop_step(curve: list[float], early_stop: bool = True) -> int | None:
         settle = OrderSettle(agreement=0.9, min_steps=10)
         losses: list[float] = []
-        callback = warmup_callback(lambda: [float(i) for i in range(28)], settle, every=10, cap=150, losses=losses)
+        callback = warmup_callback(lambda: [float(i) for i in range(28)], settle, every=10, cap=150, losses=losses, early_stop=early_stop)
         state, control = TrainerState(), TrainerControl()
         for step, loss in enumerate(curve[:150], start=1):
             state.global_step = step
@@ -98,3 +98,6 @@ def test_the_warmup_does_not_stop_while_the_loss_is_clearly_falling():
 
     assert stop_step(falling) is None  # ran to its cap
     assert stop_step(flat) == 20
+    # Without ila_warmup_early_stop (the default) a settled order and a flat
+    # loss do not stop it: the warm-up runs its whole length.
+    assert stop_step(flat, early_stop=False) is None

@@ -23,6 +23,7 @@ import argparse
 import logging
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,36 +56,64 @@ class Strategy:
     score: str  # "score" (the ranking's order) or "update_norm"
     overrides: dict[str, Any] = field(default_factory=dict)
     about: str = ""
+    gate_step: int | None = None  # order by the gate scores as they were after this many gate steps
 
 
 # A search that never settles early: the warm-up runs to its cap and the gates
 # for all 128 steps (the paper's fixed-length recipe).
 NEVER_SETTLE = {"ila_settle_agreement": 0.99999}
 
-CAP25 = {"ila_warmup_fraction": 0.25}  # the warm-up's cap before it became 0.5
+CAP25 = {"ila_warmup_fraction": 0.25}  # the short end of the paper's 25-50%
+
+# The search's stopping rules before the suite: the warm-up stopped once its
+# ranking settled (and the loss had flattened), the gates from 16 steps on.
+EARLY16 = {"ila_warmup_early_stop": True, "ila_gate_min_steps": 16}
+
+# Gates that always run all 128 steps; their scores are kept at every check
+# (``gate_snapshots``), so one search gives the ranking after 16, 32, 64 ... steps.
+FULL_GATES = {"ila_gate_min_steps": 128, "ila_gate_steps": 128}
+SNAPSHOT_STEPS = (16, 32, 48, 64, 96, 128)
 
 STRATEGIES: dict[str, Strategy] = {
-    "ila": Strategy("default", "score", {}, "every ila_ key at its default (warm-up cap 0.5 of the run)"),
+    "ila": Strategy("default", "score", {}, "every ila_ key at its default (warm-up 0.5 of the run, gates from 64 steps on)"),
     "update_norm": Strategy("default", "update_norm", {}, "the default search's warm-up update norms (ALLO-style)"),
-    "ila_cap25": Strategy("cap25", "score", CAP25, "ila_warmup_fraction: 0.25 (the default before)"),
-    "update_norm_cap25": Strategy("cap25", "update_norm", CAP25, "update norms after a warm-up capped at 0.25"),
+    # The gates compete for as much openness as keep-k keeps, at the default lengths.
+    "ila_keepk": Strategy("keepk", "score", {"ila_gate_budget": "k/n"}, "ila with ila_gate_budget: k/n"),
+    "ila_joint": Strategy(
+        "joint", "score", {"ila_gate_budget": "k/n", "ila_gate_train_lora": True}, "ila_keepk, and LoRA keeps learning during the gates"
+    ),
+    "ila_early16": Strategy("early16", "score", EARLY16, "warm-up stops once settled (cap 0.5), gates from 16 steps on"),
+    "update_norm_early16": Strategy("early16", "update_norm", EARLY16, "update norms of the ila_early16 search"),
+    "ila_cap25": Strategy("cap25", "score", {**EARLY16, **CAP25}, "ila_early16 with the warm-up capped at 0.25"),
+    "update_norm_cap25": Strategy("cap25", "update_norm", {**EARLY16, **CAP25}, "update norms of the ila_cap25 search"),
     # The gates compete for as much openness as keep-k keeps: ila_gate_budget k/n.
-    "ila_keepk_cap25": Strategy("keepk_cap25", "score", {**CAP25, "ila_gate_budget": "k/n"}, "ila_cap25 with ila_gate_budget: k/n"),
+    "ila_keepk_cap25": Strategy("keepk_cap25", "score", {**EARLY16, **CAP25, "ila_gate_budget": "k/n"}, "ila_cap25 with ila_gate_budget: k/n"),
     "ila_joint_cap25": Strategy(
         "joint_cap25",
         "score",
-        {**CAP25, "ila_gate_budget": "k/n", "ila_gate_train_lora": True},
+        {**EARLY16, **CAP25, "ila_gate_budget": "k/n", "ila_gate_train_lora": True},
         "ila_keepk_cap25, and LoRA keeps learning during the gates (ila_gate_train_lora)",
     ),
     "ila_paper25": Strategy("paper25", "score", {**NEVER_SETTLE, **CAP25}, "warm-up always 25% of the run, 128 gate steps"),
     "ila_paper50": Strategy("paper50", "score", {**NEVER_SETTLE, "ila_warmup_fraction": 0.5}, "warm-up always 50% of the run, 128 gate steps"),
     "update_norm50": Strategy("paper50", "update_norm", {**NEVER_SETTLE, "ila_warmup_fraction": 0.5}, "update norms after a warm-up of 50%"),
     "base_grad": Strategy("base_grad", "score", {}, "no search: rank-r energy of the full-weight gradient at the base (4 batches)"),
+    **{
+        f"ila_g{n}": Strategy("gates128", "score", {**FULL_GATES, "ila_warmup_early_stop": True}, f"ila_early16's warm-up; the gate order after {n} gate steps", n)
+        for n in SNAPSHOT_STEPS
+    },
+    **{
+        f"ila_w50_g{n}": Strategy("full50", "score", {**NEVER_SETTLE, **FULL_GATES}, f"warm-up always 50% of the run; the gate order after {n} gate steps", n)
+        for n in SNAPSHOT_STEPS
+    },
 }
 
 
-def order_by(ranking: dict[str, Any], score: str) -> list[str]:
+def order_by(ranking: dict[str, Any], score: str, gate_step: int | None = None) -> list[str]:
     modules = ranking["modules"]
+    if gate_step is not None:
+        scores = ranking["benchmark_gate_snapshots"][str(gate_step)]
+        return sorted(scores, key=lambda name: -scores[name])
     if score == "score":
         return [m["name"] for m in modules]  # the file lists the most important first
     return [m["name"] for m in sorted(modules, key=lambda m: -m[score])]
@@ -98,11 +127,41 @@ def run_search(task: PlantedTask, files, strategy: Strategy, out: Path) -> dict[
     overrides = {k: (task.k / len(candidate_modules(task.family, task.layers)) if v == "k/n" else v) for k, v in strategy.overrides.items()}
     config = write_config(search_config(task, files, work, ranking, **overrides), work / "search.yml")
     started = time.perf_counter()
-    search_config_file(str(config))
+    with gate_snapshots() as snapshots:
+        search_config_file(str(config))
     data = load_json(ranking)
     data["benchmark_wall_s"] = round(time.perf_counter() - started, 2)
+    if snapshots:
+        data["benchmark_gate_snapshots"] = {str(step): snapshots[step] for step in SNAPSHOT_STEPS if step in snapshots}
     save_json(out, data)
     return data
+
+
+@contextmanager
+def gate_snapshots():
+    """Record the gate scores at every settle check of the gate stage (by
+    module name), while the search runs in this process."""
+    from axolotl_ila import gates
+
+    snapshots: dict[int, dict[str, float]] = {}
+    names: list[str] = []
+    plain_gates, plain_settle = gates.Gates, gates.OrderSettle
+
+    class NamedGates(plain_gates):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            names[:] = self.names
+
+    class RecordingSettle(plain_settle):
+        def add(self, step, scores):
+            snapshots[step] = dict(zip(names, scores))
+            return super().add(step, scores)
+
+    gates.Gates, gates.OrderSettle = NamedGates, RecordingSettle
+    try:
+        yield snapshots
+    finally:
+        gates.Gates, gates.OrderSettle = plain_gates, plain_settle
 
 
 def gradient_ranking(task: PlantedTask, files, out: Path) -> dict[str, Any]:
@@ -159,7 +218,7 @@ def run_task(seed: int, strategies: list[str], work: Path, results: Path) -> Non
             ranking = gradient_ranking(task, ensure_files(), search_path)
         else:
             ranking = run_search(task, ensure_files(), strategy, search_path)
-        order = order_by(ranking, strategy.score)
+        order = order_by(ranking, strategy.score, strategy.gate_step)
         top = order[: task.k]
         loss = set_loss(task, ensure_files(), top, folder / "sets.json")
         stage1, stage2 = ranking["search"]["stage1"], ranking["search"]["stage2"]
@@ -174,7 +233,7 @@ def run_task(seed: int, strategies: list[str], work: Path, results: Path) -> Non
                 "regret": round(loss - truth["planted_loss"], 5),
                 "recall": recall(top, task.planted),
                 "planted_ranks": {m: order.index(m) + 1 for m in task.planted},
-                "search_steps": stage1["steps"] + stage2["steps"],
+                "search_steps": stage1["steps"] + (strategy.gate_step or stage2["steps"]),
                 "warmup": {k: stage1.get(k) for k in ("steps", "max_steps", "stop_reason")},
                 "gates": {k: stage2.get(k) for k in ("steps", "max_steps", "stop_reason")},
             },
@@ -185,7 +244,7 @@ def run_task(seed: int, strategies: list[str], work: Path, results: Path) -> Non
 def table(results: Path, seeds: list[int], strategies: list[str]) -> str:
     rows = []
     tasks = [random_task(s) for s in seeds]
-    header = f"{'strategy':16s} {'tasks':>5s} {'median':>8s} {'worst':>8s} {'mean':>8s} {'recall':>7s} {'steps':>6s}  targets (median <= 0.01, worst <= 0.03)"
+    header = f"{'strategy':20s} {'tasks':>5s} {'median':>8s} {'worst':>8s} {'mean':>8s} {'recall':>7s} {'steps':>6s}  targets (median <= 0.01, worst <= 0.03)"
     rows.append(header)
     for name in strategies:
         found = [load_json(results / t.name / f"{name}.json") for t in tasks if (results / t.name / f"{name}.json").exists()]
@@ -195,7 +254,7 @@ def table(results: Path, seeds: list[int], strategies: list[str]) -> str:
         median, worst = statistics.median(regrets), max(regrets)
         met = ("met" if median <= 0.01 else "MISSED") + " / " + ("met" if worst <= 0.03 else "MISSED")
         rows.append(
-            f"{name:16s} {len(found):5d} {median:+8.4f} {worst:+8.4f} {statistics.mean(regrets):+8.4f} "
+            f"{name:20s} {len(found):5d} {median:+8.4f} {worst:+8.4f} {statistics.mean(regrets):+8.4f} "
             f"{statistics.mean(r['recall'] for r in found):7.2f} {statistics.mean(r['search_steps'] for r in found):6.0f}  {met}"
         )
     return "\n".join(rows)

@@ -33,6 +33,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -65,10 +66,19 @@ def phases(work: Path, name: str, steps: int, warmup_steps: int) -> dict[str, fl
     }
 
 
-def timed_train(path: Path) -> tuple[float, float]:
-    started = time.perf_counter()
+def cpu_seconds() -> float:
+    """User + system CPU time of this process's finished children."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed_train(path: Path) -> tuple[float, float, float]:
+    """Wall seconds, CPU seconds and final eval loss of one ``axolotl train``.
+    With one thread (``OMP_NUM_THREADS=1``) the CPU seconds are what the run
+    would take alone on the machine, even when other jobs share it."""
+    started, cpu = time.perf_counter(), cpu_seconds()
     log = train(path)
-    return time.perf_counter() - started, last_metric(log, "eval_loss")
+    return time.perf_counter() - started, cpu_seconds() - cpu, last_metric(log, "eval_loss")
 
 
 def part(results: dict, key: str, work: Path, compute) -> dict:
@@ -80,7 +90,7 @@ def part(results: dict, key: str, work: Path, compute) -> dict:
     return results[key]
 
 
-def study(model: Path, dataset: Path, seed: int, steps: int, batch: int, warmup_fraction: float, work: Path, results: dict) -> dict:
+def study(model: Path, dataset: Path, seed: int, steps: int, batch: int, warmup_fraction: float | None, work: Path, results: dict) -> dict:
     from axolotl_ila.analysis import jaccard, top_set
     from axolotl_ila.ranking import load_ranking
 
@@ -89,7 +99,7 @@ def study(model: Path, dataset: Path, seed: int, steps: int, batch: int, warmup_
     common = dict(
         eval_rows=True, seed=seed, max_steps=steps, micro_batch_size=batch, eval_strategy="steps", eval_steps=steps,
         plugins=["axolotl_ila.ILAPlugin"], ila_ranking=str(ranking), ila_drop_fraction=0.25,
-        ila_warmup_fraction=warmup_fraction,
+        **({} if warmup_fraction is None else {"ila_warmup_fraction": warmup_fraction}),
     )
     first_cfg = config(model, dataset, work, f"{name}-first", **common)
     if any(f"{name}|{part_name}" not in results for part_name in ("first", "cached", "paper")):
@@ -98,10 +108,11 @@ def study(model: Path, dataset: Path, seed: int, steps: int, batch: int, warmup_
     def first() -> dict:
         if ranking.exists():  # a run killed after its search: start it again from nothing
             ranking.unlink()
-        seconds, loss = timed_train(first_cfg)
+        seconds, cpu, loss = timed_train(first_cfg)
         search_record = load_ranking(ranking).search
         return {
             "wall_s": round(seconds, 1),
+            "cpu_s": round(cpu, 1),
             "eval_loss": loss,
             "warmup_steps": search_record["stage1"]["steps"],
             "warmup_stop": search_record["stage1"]["stop_reason"],
@@ -111,8 +122,8 @@ def study(model: Path, dataset: Path, seed: int, steps: int, batch: int, warmup_
         }
 
     def cached() -> dict:
-        seconds, loss = timed_train(config(model, dataset, work, f"{name}-cached", ila_search="never", **common))
-        return {"wall_s": round(seconds, 1), "eval_loss": loss}
+        seconds, cpu, loss = timed_train(config(model, dataset, work, f"{name}-cached", ila_search="never", **common))
+        return {"wall_s": round(seconds, 1), "cpu_s": round(cpu, 1), "eval_loss": loss}
 
     def paper() -> dict:
         paper_ranking = work / "rankings" / f"{name}-paper.json"
@@ -140,21 +151,21 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--micro-batch-size", type=int, default=2, help="2 keeps a SmolLM2 step near one second on 2 cores")
     parser.add_argument(
-        "--warmup-fraction", type=float, default=0.25,
-        help="ila_warmup_fraction of the first run (the committed table ran at 0.25; the plugin's default is 0.5)",
+        "--warmup-fraction", type=float, default=None,
+        help="ila_warmup_fraction of the first run; default: not set, the plugin's default",
     )
     parser.add_argument("--runs", nargs="+", default=["manpages:1", "manpages:2", "manpages:3", "python-reference:1", "stdlib-docs:1"])
     args = parser.parse_args(argv)
     work = args.workdir.resolve()
     results_path = work / "results.json"
     results = json.loads(results_path.read_text(encoding="utf-8")) if results_path.exists() else {}
-    settings = {"steps": args.steps, "micro_batch_size": args.micro_batch_size, "warmup_fraction": args.warmup_fraction}
-    # A results file without a warm-up fraction was made at 0.25.
-    held = {"warmup_fraction": 0.25, **results.setdefault("settings", settings)}
+    threads = os.environ.get("OMP_NUM_THREADS", "all")
+    settings = {"steps": args.steps, "micro_batch_size": args.micro_batch_size, "warmup_fraction": args.warmup_fraction, "threads": threads}
+    held = results.setdefault("settings", settings)
     if held != settings:
         raise SystemExit(
             f"{results_path} holds runs made with {held}, not {settings}: "
-            "give another --workdir, or the same --steps, --micro-batch-size and --warmup-fraction"
+            "give another --workdir, or the same --steps, --micro-batch-size, --warmup-fraction and OMP_NUM_THREADS"
         )
 
     rows = []
@@ -165,17 +176,28 @@ def main(argv=None) -> int:
             raise SystemExit(f"--runs {item}: no {dataset / 'train.jsonl'}; build the datasets with bash benchmarks/common/setup.sh")
         rows.append((item, study(args.model.resolve(), dataset.resolve(), int(seed), args.steps, args.micro_batch_size, args.warmup_fraction, work, results)))
 
-    print(f"\nmodel {args.model}, {args.steps} planned steps, micro-batch {args.micro_batch_size} x 128 tokens, LoRA r=8, drop 25%, ila_warmup_fraction {args.warmup_fraction:g}")
+    search_keys = "every other ila_ key at its default" if args.warmup_fraction is not None else "every ila_ key at its default"
+    if args.warmup_fraction is not None:
+        search_keys = f"ila_warmup_fraction {args.warmup_fraction:g}, {search_keys}"
+    print(f"\nmodel {args.model}, {args.steps} planned steps, micro-batch {args.micro_batch_size} x 128 tokens, LoRA r=8, drop 25%, {search_keys}")
     versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in ("torch", "transformers", "peft", "axolotl"))
     print(f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs), Python {platform.python_version()}, {versions}, {time.strftime('%Y-%m-%d')}")
-    print("| dataset:seed | warm-up steps (stop) | gate steps (stop) | gates s | switch s | s/step after the switch (cached run) | first run s | cached run s | first / cached | top-75% Jaccard vs paper-length | eval loss one run | eval loss two runs | one - two |")
+    print(
+        "| dataset:seed | warm-up steps (stop) | gate steps (stop) | gates s | switch s | s/step after the switch (cached run) "
+        "| first run s (CPU s) | cached run s (CPU s) | first / cached, wall (CPU) | top-75% Jaccard vs paper-length "
+        "| eval loss one run | eval loss two runs | one - two |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    ratios, jaccards, diffs = [], [], []
+    ratios, cpu_ratios, jaccards, diffs = [], [], [], []
     for item, r in rows:
         first, cached, paper = r["first"], r["cached"], r["paper"]
         ratio = first["wall_s"] / cached["wall_s"]
+        cpu_ratio = first["cpu_s"] / cached["cpu_s"] if "cpu_s" in first and "cpu_s" in cached else None
         diff = first["eval_loss"] - cached["eval_loss"]
         ratios.append(ratio)
+        if cpu_ratio is not None:
+            cpu_ratios.append(cpu_ratio)
+        cpu = lambda part: f" ({part['cpu_s']:.0f})" if "cpu_s" in part else ""  # noqa: E731
         jaccards.append(paper["jaccard_top75"])
         diffs.append(diff)
         name = item.replace(":", "-s")
@@ -185,12 +207,15 @@ def main(argv=None) -> int:
             f"| {item} | {first['warmup_steps']} ({first['warmup_stop']}) | {first['gate_steps']} ({first['gate_stop']}) "
             f"| {ranking['search']['stage2']['wall_s']:.0f} | {where['switch_s']:.0f} "
             f"| {where['first_s_per_step']:.2f} ({where['cached_s_per_step']:.2f}) "
-            f"| {first['wall_s']:.0f} | {cached['wall_s']:.0f} | {ratio:.3f} | {paper['jaccard_top75']:.3f} "
+            f"| {first['wall_s']:.0f}{cpu(first)} | {cached['wall_s']:.0f}{cpu(cached)} "
+            f"| {ratio:.3f}{f' ({cpu_ratio:.3f})' if cpu_ratio is not None else ''} | {paper['jaccard_top75']:.3f} "
             f"| {first['eval_loss']:.4f} | {cached['eval_loss']:.4f} | {diff:+.4f} |"
         )
     if len(rows) > 1:
         spread = lambda v: f"{statistics.mean(v):.3f} (min {min(v):.3f}, max {max(v):.3f})"  # noqa: E731
         print(f"\nfirst / cached wall time: {spread(ratios)}; target <= 1.10")
+        if len(cpu_ratios) == len(rows):
+            print(f"first / cached CPU time: {spread(cpu_ratios)}")
         print(f"top-75% Jaccard vs paper-length search: {spread(jaccards)}; target >= 0.90")
         print(f"eval loss, one run - two runs: {statistics.mean(diffs):+.4f} (min {min(diffs):+.4f}, max {max(diffs):+.4f})")
     return 0
