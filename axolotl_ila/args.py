@@ -114,7 +114,8 @@ class ILAArgs(BaseModel):
             "description": "true: the training continues from the search's warm-up (one run); false: it starts "
             "from fresh adapters after the search (the paper's two runs). Default: true for LoRA/QLoRA "
             "on one process, DDP and FSDP2 with fsdp_config.state_dict_type: SHARDED_STATE_DICT, false "
-            "otherwise (full fine-tuning, lora_target_parameters, FSDP2 with FULL_STATE_DICT, its default)."
+            "otherwise (full fine-tuning, lora_target_parameters, FSDP2 with FULL_STATE_DICT, its default, "
+            "DeepSpeed)."
         },
     )
     ila_search_learning_rate: float | None = Field(
@@ -279,7 +280,8 @@ def continues_by_default(config: Any) -> bool:
     LoRA/QLoRA, false for full fine-tuning (the warm-up's LoRA is not the
     training's), for LoRA on expert parameters (``lora_target_parameters``,
     whose handover is not built yet) and where the engine cannot resume from
-    the warm-up (``engines.continuation_refusal``: FSDP2 with FULL_STATE_DICT)."""
+    the warm-up (``engines.continuation_refusal``: FSDP2 with FULL_STATE_DICT,
+    DeepSpeed)."""
     return (
         bool(config.get("adapter"))
         and not continuation_refusal(config)

@@ -4,8 +4,8 @@ docs/multi-gpu.md has the whole matrix. In short: one process, DDP and FSDP2
 run everything that is tested; DeepSpeed ZeRO-2 and ZeRO-3 run LoRA and full
 fine-tuning with a cached ranking and with the search, training afresh after it
 (no one-run continuation). What no test here has run is refused at config load,
-before any work: FSDP1, other ZeRO stages, QLoRA under DeepSpeed, the one-run
-continuation under DeepSpeed, ``ila_gate_train_lora`` under DeepSpeed.
+before any work: FSDP1, other ZeRO stages, and under DeepSpeed QLoRA, a
+preference loss (``rl:``), ``ila_gate_train_lora`` and the one-run continuation.
 
 The functions read a raw config dict (before validation) or axolotl's
 validated config alike.
@@ -95,6 +95,13 @@ def _deepspeed_refusal(cfg: Any) -> str | None:
             "load_in_8bit) under DeepSpeed: no test has run them (the tests train on CPU processes, where "
             "DeepSpeed's ZeRO runs LoRA but a quantized base was never tried). Use adapter: lora under "
             "DeepSpeed, or QLoRA under FSDP2 (fsdp_version: 2), which is tested; see docs/multi-gpu.md"
+        )
+    if cfg.get("rl"):
+        rl = cfg.get("rl")
+        return (
+            f"axolotl_ila.ILAPlugin does not support a preference loss (rl: {getattr(rl, 'value', rl)}) under "
+            f"DeepSpeed: no test has run one (the DeepSpeed tests train the supervised loss). Remove deepspeed: "
+            f"for the preference run (one process or DDP), or train the supervised loss under DeepSpeed"
         )
     if cfg.get("ila_gate_train_lora"):
         return (

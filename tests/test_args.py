@@ -219,6 +219,7 @@ def test_deepspeed_stage_is_read_from_the_json_file(tmp_path):
         ({"deepspeed": "deepspeed_configs/absent.json"}, r"could not read the ZeRO stage of deepspeed: 'deepspeed_configs/absent.json'"),
         ({"deepspeed": ZERO2, "adapter": "qlora", "load_in_4bit": True}, r"does not support quantized models .* under DeepSpeed: no test has run them"),
         ({"deepspeed": ZERO3, "ila_gate_train_lora": True}, r"ila_gate_train_lora: true is not supported under DeepSpeed"),
+        ({"deepspeed": ZERO2, "rl": "dpo"}, r"does not support a preference loss \(rl: dpo\) under DeepSpeed: no test has run one"),
     ],
 )
 def test_what_deepspeed_has_not_run_is_refused_with_its_reason(overrides, message):
