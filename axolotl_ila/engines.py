@@ -105,9 +105,10 @@ def _deepspeed_refusal(cfg: Any) -> str | None:
         )
     if cfg.get("ila_gate_train_lora"):
         return (
-            "ila_gate_train_lora: true is not supported under DeepSpeed: it trains the LoRA weights beside "
-            "the gates with its own optimizer on param.grad, which ZeRO takes into its own partitioned "
-            "gradient buffers, and no test has run it. Remove ila_gate_train_lora (the gates then train "
+            "ila_gate_train_lora: true is not supported under DeepSpeed: no test has run it; it steps the "
+            "LoRA weights beside the gates with an optimizer of its own on param.grad and the parameters "
+            "themselves, which under ZeRO are managed by DeepSpeed's gradient hooks (ZeRO-3: partitioned, "
+            "empty outside a forward). Remove ila_gate_train_lora (the gates then train "
             "with LoRA frozen, as tested under ZeRO-2 and ZeRO-3)"
         )
     return None
