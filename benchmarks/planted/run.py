@@ -65,8 +65,8 @@ NEVER_SETTLE = {"ila_settle_agreement": 0.99999}
 
 CAP25 = {"ila_warmup_fraction": 0.25}  # the short end of the paper's 25-50%
 
-# The search's stopping rules before the suite: the warm-up stopped once its
-# ranking settled (and the loss had flattened), the gates from 16 steps on.
+# Early stops in both stages: the warm-up stops once its probed ranking has
+# settled (and the loss has flattened), the gates may stop from 16 steps on.
 EARLY16 = {"ila_warmup_early_stop": True, "ila_gate_min_steps": 16}
 
 # Gates that always run all 128 steps; their scores are kept at every check
@@ -140,7 +140,10 @@ def run_search(task: PlantedTask, files, strategy: Strategy, out: Path) -> dict[
 @contextmanager
 def gate_snapshots():
     """Record the gate scores at every settle check of the gate stage (by
-    module name), while the search runs in this process."""
+    module name), while the search runs in this process. Only the gate stage
+    looks ``Gates`` and ``OrderSettle`` up in ``axolotl_ila.gates`` at run
+    time; the warm-up's probe and settle test were imported before, so they
+    are not recorded."""
     from axolotl_ila import gates
 
     snapshots: dict[int, dict[str, float]] = {}
