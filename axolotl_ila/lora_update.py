@@ -18,6 +18,8 @@ from typing import Any, Callable
 
 import torch
 
+from axolotl_ila.distributed import gathered
+
 
 def _is_param_wrapper(layer: Any) -> bool:
     from peft.tuners.lora import ParamWrapper
@@ -34,8 +36,6 @@ def update_norm(layer: Any, adapter: str = "default") -> float:
     Under DeepSpeed ZeRO-3 the weights are gathered first (a collective: every
     rank computes every layer's norm, in the same order).
     """
-    from axolotl_ila.distributed import gathered
-
     with gathered([layer.lora_A[adapter].weight, layer.lora_B[adapter].weight]):
         a = layer.lora_A[adapter].weight.float().clone()
         b = layer.lora_B[adapter].weight.float().clone()

@@ -194,6 +194,7 @@ def _describe(error: str | None) -> dict[str, Any]:
     from axolotl.integrations.base import PluginManager
 
     from axolotl_ila.application import adapted_modules
+    from axolotl_ila.distributed import is_zero3_partitioned
     from axolotl_ila.plugin import ILAPlugin
     from axolotl_ila.ranking import file_digest
 
@@ -219,7 +220,7 @@ def _describe(error: str | None) -> dict[str, Any]:
         # ZeRO-3: outside a forward each rank holds only its partition, the parameter itself is empty.
         out["zero3_partitioned_trainable"] = sorted(
             name for name, param in trainer.model.named_parameters()
-            if param.requires_grad and hasattr(param, "ds_id") and param.numel() == 0 and param.ds_numel > 0
+            if param.requires_grad and is_zero3_partitioned(param) and param.numel() == 0 and param.ds_numel > 0
         )
         out["four_bit_linears"] = sum(type(m).__module__.startswith("bitsandbytes") and type(m).__name__ == "Linear4bit" for m in trainer.model.modules())
         out["trainable"] = sorted(

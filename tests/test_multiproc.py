@@ -428,4 +428,3 @@ def test_fsdp2_full_finetuning_searches_then_freezes_exactly_the_dropped_weights
     assert not log_lines(killed.logs, "the training continues from the warm-up")  # full fine-tuning trains afresh
     check_resumed_from_the_ranking(resumed, ranking, 4)
     check_full_finetuning(resumed, ranking, tiny_llama, tmp_path / "run")
-

@@ -176,9 +176,10 @@ def main(argv=None) -> int:
             raise SystemExit(f"--runs {item}: no {dataset / 'train.jsonl'}; build the datasets with bash benchmarks/common/setup.sh")
         rows.append((item, study(args.model.resolve(), dataset.resolve(), int(seed), args.steps, args.micro_batch_size, args.warmup_fraction, work, results)))
 
-    search_keys = "every other ila_ key at its default" if args.warmup_fraction is not None else "every ila_ key at its default"
-    if args.warmup_fraction is not None:
-        search_keys = f"ila_warmup_fraction {args.warmup_fraction:g}, {search_keys}"
+    if args.warmup_fraction is None:
+        search_keys = "every ila_ key at its default"
+    else:
+        search_keys = f"ila_warmup_fraction {args.warmup_fraction:g}, every other ila_ key at its default"
     print(f"\nmodel {args.model}, {args.steps} planned steps, micro-batch {args.micro_batch_size} x 128 tokens, LoRA r=8, drop 25%, {search_keys}")
     versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in ("torch", "transformers", "peft", "axolotl"))
     print(f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs), Python {platform.python_version()}, {versions}, {time.strftime('%Y-%m-%d')}")
