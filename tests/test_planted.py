@@ -99,9 +99,7 @@ def test_random_tasks_cover_the_families_and_run_lengths_and_are_reproducible():
 
 
 def test_plant_changes_exactly_the_planted_weights_by_the_asked_size(tmp_path):
-    from conftest import run_python
-
-from axolotl_ila.planted import candidate_modules, plant
+    from axolotl_ila.planted import candidate_modules, plant
     from axolotl_ila.tiny import build_model
 
     task = random_task(1)  # qwen2: q/k/v biases stay as they are
