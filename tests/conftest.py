@@ -96,15 +96,14 @@ TEST_ENV = {"AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DE
 
 
 class Zygote:
-    """``tests/zygote.py``, one per test process, started at first use: it
-    has axolotl's training stack imported and forks each command from there
-    (its docstring says what that does and does not change)."""
+    """``tests/zygote.py``, started with one environment: it has axolotl's
+    training stack imported and forks each command from there (its docstring
+    says what that does and does not change)."""
 
-    def __init__(self) -> None:
-        self.env = {**os.environ, **TEST_ENV}
+    def __init__(self, env: dict[str, str]) -> None:
         self.process = subprocess.Popen(
             [sys.executable, str(Path(__file__).with_name("zygote.py"))],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=self.env,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
         )
         ready = self._read(timeout=600)
         if not ready.get("ready"):
@@ -139,8 +138,14 @@ class Zygote:
                 raise subprocess.TimeoutExpired([sys.executable, *argv], timeout, out.read_text(), err.read_text())
             return subprocess.CompletedProcess([sys.executable, *argv], returncode, out.read_text(), err.read_text())
 
+    def close(self) -> None:
+        self.process.stdin.close()  # end of input ends it
+        self.process.wait(timeout=60)
 
-_ZYGOTE: Zygote | None = None
+
+# Zygotes by environment, least recently used first; at most two live (each
+# holds a few hundred MB): the suite's usual environment, and one a test set.
+_ZYGOTES: dict[tuple, Zygote] = {}
 
 
 def without_pytest_names(env: dict[str, str]) -> dict[str, str]:
@@ -152,15 +157,17 @@ def without_pytest_names(env: dict[str, str]) -> dict[str, str]:
 def run_python(argv: list[str], cwd: Path, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``python ARGV`` (``-m module ...`` or ``-c code ...``) in ``cwd``, with
     this process's environment plus TEST_ENV and ``env``: output captured as
-    text, like ``subprocess.run``. Forked from the zygote when the environment
-    is the one the zygote was started with, a plain subprocess otherwise."""
-    global _ZYGOTE
+    text, like ``subprocess.run``. Forked from a zygote started with that same
+    environment (modules read some variables when imported)."""
     wanted = {**os.environ, **TEST_ENV, **(env or {})}
-    if _ZYGOTE is None:
-        _ZYGOTE = Zygote()
-    if without_pytest_names(wanted) == without_pytest_names(_ZYGOTE.env):
-        return _ZYGOTE.run(argv, cwd, wanted, timeout)
-    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=wanted, cwd=cwd, timeout=timeout)
+    key = tuple(sorted(without_pytest_names(wanted).items()))
+    zygote = _ZYGOTES.pop(key, None)
+    if zygote is None:
+        if len(_ZYGOTES) >= 2:
+            _ZYGOTES.pop(next(iter(_ZYGOTES))).close()
+        zygote = Zygote(wanted)
+    _ZYGOTES[key] = zygote
+    return zygote.run(argv, cwd, wanted, timeout)
 
 
 def run_train(config: Path, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -49,6 +49,25 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                # The parent's pid is the second field after the name, which is in parentheses.
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def launch(config: Path, launcher: str = "torchrun", monitor_s: int = 2, **env_extra: str) -> Launch:
     """Start two ranks on ``config``; wait at most LAUNCH_TIMEOUT_S."""
     reports = config.parent / f"reports-{config.stem}"
@@ -82,7 +101,14 @@ def launch(config: Path, launcher: str = "torchrun", monitor_s: int = 2, **env_e
     try:
         logs, _ = process.communicate(timeout=LAUNCH_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        # The launcher may start its ranks in sessions of their own, where a
+        # kill of its process group does not reach them; they would hold the
+        # output pipe open. Every descendant is killed.
+        for pid in [process.pid, *descendants(process.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         logs, _ = process.communicate()
         pytest.fail(f"the two ranks did not finish within {LAUNCH_TIMEOUT_S} s (a rank hangs):\n{logs[-6000:]}")
     found = {int(p.stem.split("-")[1]): json.loads(p.read_text()) for p in reports.glob("rank-*.json")}

@@ -13,8 +13,8 @@ killed), after the exit handlers a normal interpreter runs.
 What a fork cannot give is a different environment at import time: modules
 read some variables when they are imported (``HF_HUB_CACHE``, for one). The
 caller (``conftest.run_python``) therefore sends a command here only when its
-environment is exactly the one this process started with, and starts a plain
-subprocess otherwise.
+environment is exactly the one this process started with, and starts another
+zygote for another environment.
 
 Protocol, one JSON object per line: the request on stdin
 ``{"argv": [...], "cwd": ..., "env": {...}, "stdout": path, "stderr": path}``, where argv
