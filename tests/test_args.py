@@ -190,16 +190,33 @@ ZERO2, ZERO3 = {"zero_optimization": {"stage": 2}}, {"zero_optimization": {"stag
 
 
 @pytest.mark.parametrize("deepspeed", [ZERO2, ZERO3])
-def test_deepspeed_zero2_and_zero3_run_lora_and_full_finetuning_and_train_afresh_after_the_search(deepspeed):
+def test_deepspeed_zero2_and_zero3_run_lora_and_full_finetuning_and_lora_continues_from_the_warmup(deepspeed):
     from axolotl_ila.args import check_combination, continues_by_default
 
     cfg = {"ila_strategy": "first", "adapter": "lora", "deepspeed": deepspeed}
     check_combination(cfg)  # not refused
-    assert not continues_by_default(cfg)
-    with pytest.raises(ValueError, match=r"ila_continue: true cannot work here: under DeepSpeed .*\(global_step<N>/") as info:
-        check_combination({**cfg, "ila_continue": True})
-    assert "use DDP or FSDP2" in str(info.value)
+    assert continues_by_default(cfg)
+    check_combination({**cfg, "ila_continue": True})
     check_combination({**cfg, "adapter": None})  # full fine-tuning: not refused
+    assert not continues_by_default({**cfg, "adapter": None})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"deepspeed": {**ZERO2, "optimizer": {"type": "AdamW"}}}, r"brings its own optimizer .* Remove optimizer from the DeepSpeed config"),
+        ({"deepspeed": {**ZERO3, "scheduler": {"type": "WarmupLR"}}}, r"brings its own scheduler .* Remove scheduler from the DeepSpeed config"),
+        ({"deepspeed": ZERO2, "lora_modules_to_save": ["embed_tokens"]}, r"lora_modules_to_save trains whole copies"),
+    ],
+)
+def test_deepspeed_continuation_is_refused_where_its_handover_is_not_built(overrides, message):
+    from axolotl_ila.args import check_combination, continues_by_default
+
+    cfg = {"ila_strategy": "first", "adapter": "lora", **overrides}
+    check_combination(cfg)  # the default trains afresh after the search
+    assert not continues_by_default(cfg)
+    with pytest.raises(ValueError, match=rf"ila_continue: true cannot work here: under DeepSpeed .*{message}"):
+        check_combination({**cfg, "ila_continue": True})
 
 
 def test_deepspeed_stage_is_read_from_the_json_file(tmp_path):
