@@ -1,13 +1,13 @@
 """Which distributed engine a config trains under, and what ILA does there.
 
 docs/multi-gpu.md has the whole matrix. In short: one process, DDP and FSDP2
-run everything that is tested; DeepSpeed ZeRO-2 and ZeRO-3 run LoRA and full
-fine-tuning with a cached ranking and with the search, and LoRA continues the
-training from the warm-up (``zero_handoff``). What no test here has run is
-refused at config load, before any work: FSDP1, other ZeRO stages, and under
-DeepSpeed QLoRA, a preference loss (``rl:``) and ``ila_gate_train_lora``; the
-continuation also with a DeepSpeed config's own optimizer or scheduler, or
-``lora_modules_to_save``.
+run everything that is tested; DeepSpeed ZeRO-2 and ZeRO-3 run LoRA, QLoRA and
+full fine-tuning with a cached ranking and with the search, and LoRA and QLoRA
+continue the training from the warm-up (``zero_handoff``). What no test here
+has run is refused at config load, before any work: FSDP1, other ZeRO stages,
+and under DeepSpeed 8-bit models (``load_in_8bit``), a preference loss
+(``rl:``) and ``ila_gate_train_lora``; the continuation also with a DeepSpeed
+config's own optimizer or scheduler, or ``lora_modules_to_save``.
 
 The functions read a raw config dict (before validation) or axolotl's
 validated config alike.
@@ -97,12 +97,11 @@ def _deepspeed_refusal(cfg: Any) -> str | None:
             f"or 3), not stage {stage}: no test has run ILA under it. Use a ZeRO-2 or ZeRO-3 config "
             f"(axolotl's deepspeed_configs/zero2.json, zero3.json), or DDP; see docs/multi-gpu.md"
         )
-    if cfg.get("load_in_4bit") or cfg.get("load_in_8bit") or cfg.get("adapter") == "qlora":
+    if cfg.get("load_in_8bit"):
         return (
-            "axolotl_ila.ILAPlugin does not support quantized models (adapter: qlora, load_in_4bit, "
-            "load_in_8bit) under DeepSpeed: no test has run them (the tests train on CPU processes, where "
-            "DeepSpeed's ZeRO runs LoRA but a quantized base was never tried). Use adapter: lora under "
-            "DeepSpeed, or QLoRA under FSDP2 (fsdp_version: 2), which is tested; see docs/multi-gpu.md"
+            "axolotl_ila.ILAPlugin does not support 8-bit models (load_in_8bit) under DeepSpeed: no test has run "
+            "them (the tests run QLoRA's 4-bit base under ZeRO-2 and ZeRO-3). Use adapter: qlora (4-bit) or "
+            "adapter: lora; see docs/multi-gpu.md"
         )
     if cfg.get("rl"):
         rl = cfg.get("rl")

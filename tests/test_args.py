@@ -201,6 +201,15 @@ def test_deepspeed_zero2_and_zero3_run_lora_and_full_finetuning_and_lora_continu
     assert not continues_by_default({**cfg, "adapter": None})
 
 
+@pytest.mark.parametrize("deepspeed", [ZERO2, ZERO3])
+def test_deepspeed_zero2_and_zero3_run_qlora_and_continue_from_the_warmup(deepspeed):
+    from axolotl_ila.args import check_combination, continues_by_default
+
+    cfg = {"ila_strategy": "first", "adapter": "qlora", "load_in_4bit": True, "deepspeed": deepspeed}
+    check_combination(cfg)  # not refused
+    assert continues_by_default(cfg)
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -236,7 +245,7 @@ def test_deepspeed_stage_is_read_from_the_json_file(tmp_path):
         ({"deepspeed": {"zero_optimization": {"stage": 1}}}, r"supports DeepSpeed ZeRO-2 and ZeRO-3 only .* not stage 1"),
         ({"deepspeed": {"train_batch_size": 8}}, r"supports DeepSpeed ZeRO-2 and ZeRO-3 only .* not stage 0"),
         ({"deepspeed": "deepspeed_configs/absent.json"}, r"could not read the ZeRO stage of deepspeed: 'deepspeed_configs/absent.json'"),
-        ({"deepspeed": ZERO2, "adapter": "qlora", "load_in_4bit": True}, r"does not support quantized models .* under DeepSpeed: no test has run them"),
+        ({"deepspeed": ZERO2, "load_in_8bit": True}, r"does not support 8-bit models \(load_in_8bit\) under DeepSpeed: no test has run them"),
         ({"deepspeed": ZERO3, "ila_gate_train_lora": True}, r"ila_gate_train_lora: true is not supported under DeepSpeed"),
         ({"deepspeed": ZERO2, "rl": "dpo"}, r"does not support a preference loss \(rl: dpo\) under DeepSpeed: no test has run one"),
     ],

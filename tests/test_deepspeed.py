@@ -6,10 +6,11 @@ A file of its own, so that pytest-xdist (``--dist loadfile``) runs it beside
 test_multiproc.py. What is checked: the search under ZeRO-2 and ZeRO-3 (on
 partitioned LoRA weights) gives the scores of a one-process search of the same
 global batches; the training has adapters exactly on the kept modules on every
-rank (LoRA) or freezes exactly the dropped weights (full fine-tuning); LoRA
-training continues from the warm-up (the one-run continuation) and ends where
-a one-process run of the same batches ends; a run killed after a DeepSpeed
-checkpoint resumes from it with the ranking's selection.
+rank (LoRA; QLoRA, its 4-bit base kept) or freezes exactly the dropped weights
+(full fine-tuning); LoRA and QLoRA training continues from the warm-up (the
+one-run continuation), LoRA's ending where a one-process run of the same
+batches ends; a run killed after a DeepSpeed checkpoint resumes from it with
+the ranking's selection.
 """
 
 from __future__ import annotations
@@ -159,3 +160,30 @@ def test_deepspeed_zero_full_finetuning_searches_then_freezes_exactly_the_droppe
     assert (tmp_path / "run" / "checkpoint-2" / "global_step2").is_dir()
     check_resumed_from_the_ranking(resumed, ranking, 4)
     check_full_finetuning(resumed, ranking, tiny_llama, tmp_path / "run")
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_qlora_searches_continues_from_the_warmup_and_resumes(stage, tiny_llama, tmp_path):
+    """QLoRA: the 4-bit base stays 4-bit on both ranks (frozen, so outside
+    ZeRO's optimizer; ZeRO-3 partitions the LoRA weights); the search, the
+    continuation from the warm-up, the kill after checkpoint 8 and the resume
+    with the ranking's selection run as with LoRA."""
+    ranking = tmp_path / "ranking.json"
+    cfg = make_config(tiny_llama, tmp_path, adapter="qlora", ila_ranking=str(ranking), **MULTIPROC_SETTINGS,
+                      deepspeed=str(deepspeed_config(stage, tmp_path)), save_strategy="steps", save_steps=8,
+                      auto_resume_from_checkpoints=True)
+    killed, resumed = killed_then_resumed(write_config(cfg, tmp_path / "config.yml"), 8, **DEEPSPEED_ENV)
+    check_deepspeed(resumed, stage)
+    kept, _ = kept_and_dropped(ranking)
+    warmup = load_ranking(ranking).search["stage1"]["steps"]
+    assert mentions(killed.logs, f"the training continues from the warm-up's step {warmup} ") == WORLD_SIZE
+    assert (tmp_path / "run" / f"checkpoint-{warmup}" / "ila_zero_state.pt").is_file()
+    assert (tmp_path / "run" / "checkpoint-8" / "global_step8").is_dir()
+    check_resumed_from_the_ranking(resumed, ranking, cfg["max_steps"])
+    for rank in (0, 1):
+        assert resumed.reports[rank]["four_bit_linears"] == 28  # the base stays 4-bit, dropped modules included
+        assert set(resumed.reports[rank]["adapted"]) == kept
+        assert len(resumed.reports[rank]["trainable"]) == 2 * len(kept)
+    assert adapter_modules(tmp_path / "run") == kept
+    saved = load_tensors(tmp_path / "run" / "adapter_model.safetensors")
+    assert all(bool(t.abs().sum() > 0) for k, t in saved.items() if ".lora_B." in k)  # B starts at zero: all trained
