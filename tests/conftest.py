@@ -92,17 +92,81 @@ def write_config(cfg: dict[str, Any], path: Path) -> Path:
     return path
 
 
+TEST_ENV = {"AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
+class Zygote:
+    """``tests/zygote.py``, one per test process, started at first use: it
+    has axolotl's training stack imported and forks each command from there
+    (its docstring says what that does and does not change)."""
+
+    def __init__(self) -> None:
+        self.env = {**os.environ, **TEST_ENV}
+        self.process = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("zygote.py"))],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=self.env,
+        )
+        ready = self._read(timeout=600)
+        if not ready.get("ready"):
+            raise RuntimeError(f"tests/zygote.py did not start: {ready}")
+
+    def _read(self, timeout: float) -> dict:
+        import select
+
+        readable, _, _ = select.select([self.process.stdout], [], [], timeout)
+        if not readable:
+            raise subprocess.TimeoutExpired(self.process.args, timeout)
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"tests/zygote.py exited ({self.process.wait()})")
+        return json.loads(line)
+
+    def run(self, argv: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+        import signal
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="zygote-") as folder:
+            out, err = Path(folder) / "stdout", Path(folder) / "stderr"
+            request = {"argv": argv, "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err)}
+            self.process.stdin.write(json.dumps(request) + "\n")
+            self.process.stdin.flush()
+            pid = self._read(timeout=60)["pid"]
+            try:
+                returncode = self._read(timeout=timeout)["returncode"]
+            except subprocess.TimeoutExpired:
+                os.killpg(pid, signal.SIGKILL)
+                self._read(timeout=60)
+                raise subprocess.TimeoutExpired([sys.executable, *argv], timeout, out.read_text(), err.read_text())
+            return subprocess.CompletedProcess([sys.executable, *argv], returncode, out.read_text(), err.read_text())
+
+
+_ZYGOTE: Zygote | None = None
+
+
+def without_pytest_names(env: dict[str, str]) -> dict[str, str]:
+    """The environment less what pytest changes from test to test (the
+    current test's name), which no import reads."""
+    return {k: v for k, v in env.items() if k != "PYTEST_CURRENT_TEST"}
+
+
+def run_python(argv: list[str], cwd: Path, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python ARGV`` (``-m module ...`` or ``-c code ...``) in ``cwd``, with
+    this process's environment plus TEST_ENV and ``env``: output captured as
+    text, like ``subprocess.run``. Forked from the zygote when the environment
+    is the one the zygote was started with, a plain subprocess otherwise."""
+    global _ZYGOTE
+    wanted = {**os.environ, **TEST_ENV, **(env or {})}
+    if _ZYGOTE is None:
+        _ZYGOTE = Zygote()
+    if without_pytest_names(wanted) == without_pytest_names(_ZYGOTE.env):
+        return _ZYGOTE.run(argv, cwd, wanted, timeout)
+    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=wanted, cwd=cwd, timeout=timeout)
+
+
 def run_train(config: Path, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    """The real ``python -m axolotl.cli.train CONFIG``, in a fresh process."""
-    env = {**os.environ, "AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(
-        [sys.executable, "-m", "axolotl.cli.train", str(config)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=config.parent,
-        timeout=timeout,
-    )
+    """The real ``python -m axolotl.cli.train CONFIG``, in a fresh process
+    (forked from the zygote: ``run_python``)."""
+    result = run_python(["-m", "axolotl.cli.train", str(config)], cwd=config.parent, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
     return result

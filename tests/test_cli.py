@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from axolotl_ila.cli import main
 from axolotl_ila.plots import DPI, figure_size
 from axolotl_ila.quickstart import render_config
 from axolotl_ila.ranking import Ranking, load_ranking, save_ranking
-from conftest import adapter_modules, make_config, read_json, write_config
+from conftest import adapter_modules, make_config, read_json, run_python, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -177,7 +176,7 @@ def test_search_subcommand_writes_ranking_and_heatmap(tiny_llama, tmp_path):
     ranking = tmp_path / "r" / "tiny.json"
     cfg = make_config(tiny_llama, tmp_path, ila_ranking=str(ranking), ila_gate_steps=8, ila_strategy="random")
     config = write_config(cfg, tmp_path / "config.yml")
-    done = subprocess.run([sys.executable, "-m", "axolotl_ila.cli", "search", str(config)], capture_output=True, text=True, timeout=600)
+    done = run_python(["-m", "axolotl_ila.cli", "search", str(config)], cwd=Path.cwd(), timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     assert load_ranking(ranking).search["stage2"]["steps"] == 8
     assert ranking.with_suffix(".png").exists()
@@ -191,10 +190,7 @@ def test_example_tiny_config_is_what_quickstart_writes():
 
 @pytest.mark.e2e
 def test_quickstart_trains_with_ila(tmp_path):
-    done = subprocess.run(
-        [sys.executable, "-m", "axolotl_ila.cli", "quickstart", "--dir", "qs"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=900,
-    )
+    done = run_python(["-m", "axolotl_ila.cli", "quickstart", "--dir", "qs"], cwd=tmp_path, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     ranking = load_ranking(tmp_path / "qs" / "rankings" / "tiny-llama.json")
     assert adapter_modules(tmp_path / "qs" / "outputs" / "lora-ila") == set(ranking.names[:21])

@@ -21,7 +21,7 @@ import pytest
 from axolotl_ila.cli import main
 from axolotl_ila.hub import ACCEPTED_FORMS, HubPath, HubPathError, parse_hub_path
 from axolotl_ila.ranking import Ranking, RankingError, load_ranking, locate_ranking, save_ranking
-from conftest import adapter_modules, make_config, read_json, run_train, write_config
+from conftest import adapter_modules, make_config, read_json, run_python, run_train, write_config
 from test_args import load, load_cfg, refused, restore_environment  # noqa: F401  (fixtures)
 
 COMMIT_A = "a" * 40
@@ -273,8 +273,14 @@ def entry_point_installed() -> None:
 
 
 def python(*args: str) -> subprocess.CompletedProcess:
+    """A fresh interpreter: for what a process imports."""
     env = {**os.environ, "AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def command(*args: str) -> subprocess.CompletedProcess:
+    """``python ARGS`` for what a command prints (forked: conftest.run_python)."""
+    return run_python(list(args), cwd=Path.cwd(), timeout=300)
 
 
 def test_axolotl_help_lists_ila_loading_only_our_light_entry_module():
@@ -304,8 +310,8 @@ def test_axolotl_ila_show_prints_what_axolotl_ila_show_prints(searched):
 
     entry_point_installed()
     ranking = str(searched["ranking"])
-    direct = python("-m", "axolotl_ila.cli", "show", ranking, "--top", "3")
-    via_axolotl = python("-m", "axolotl.cli.main", "ila", "show", ranking, "--top", "3")
+    direct = command("-m", "axolotl_ila.cli", "show", ranking, "--top", "3")
+    via_axolotl = command("-m", "axolotl.cli.main", "ila", "show", ranking, "--top", "3")
     assert direct.returncode == via_axolotl.returncode == 0, via_axolotl.stderr
     # axolotl's CLI prints its logo before any of its commands runs.
     assert via_axolotl.stdout == AXOLOTL_LOGO + "\n" + direct.stdout
@@ -314,14 +320,14 @@ def test_axolotl_ila_show_prints_what_axolotl_ila_show_prints(searched):
 
 def test_axolotl_ila_has_the_same_help_and_errors_as_axolotl_ila():
     entry_point_installed()
-    for command in ("search", "show", "compare", "combine", "quickstart"):
-        direct = python("-m", "axolotl_ila.cli", command, "--help")
-        via_axolotl = python("-m", "axolotl.cli.main", "ila", command, "--help")
+    for name in ("search", "show", "compare", "combine", "quickstart"):
+        direct = command("-m", "axolotl_ila.cli", name, "--help")
+        via_axolotl = command("-m", "axolotl.cli.main", "ila", name, "--help")
         assert direct.returncode == via_axolotl.returncode == 0
         assert via_axolotl.stdout.endswith(direct.stdout.replace("axolotl-ila", "axolotl ila"))
-    group = python("-m", "axolotl.cli.main", "ila", "--help")
-    for command in ("search", "show", "compare", "combine", "quickstart"):
-        assert f"  {command}  " in group.stdout
-    missing = python("-m", "axolotl.cli.main", "ila", "show", "/nonexistent/ranking.json")
+    group = command("-m", "axolotl.cli.main", "ila", "--help")
+    for name in ("search", "show", "compare", "combine", "quickstart"):
+        assert f"  {name}  " in group.stdout
+    missing = command("-m", "axolotl.cli.main", "ila", "show", "/nonexistent/ranking.json")
     assert missing.returncode == 2
     assert missing.stderr.strip() == "axolotl ila: error: ranking file /nonexistent/ranking.json does not exist. Re-run `axolotl-ila search CONFIG` to make a new one, or point `ila_ranking` at a valid ranking."
