@@ -113,9 +113,10 @@ class ILAArgs(BaseModel):
         json_schema_extra={
             "description": "true: the training continues from the search's warm-up (one run); false: it starts "
             "from fresh adapters after the search (the paper's two runs). Default: true for LoRA/QLoRA "
-            "on one process, DDP and FSDP2 with fsdp_config.state_dict_type: SHARDED_STATE_DICT, false "
-            "otherwise (full fine-tuning, lora_target_parameters, FSDP2 with FULL_STATE_DICT, its default, "
-            "DeepSpeed)."
+            "on one process, DDP, FSDP2 with fsdp_config.state_dict_type: SHARDED_STATE_DICT and DeepSpeed "
+            "ZeRO-2/3 (LoRA), false otherwise (full fine-tuning, lora_target_parameters, FSDP2 with "
+            "FULL_STATE_DICT, its default, a DeepSpeed config with its own optimizer or scheduler, "
+            "lora_modules_to_save under DeepSpeed)."
         },
     )
     ila_search_learning_rate: float | None = Field(
@@ -281,7 +282,7 @@ def continues_by_default(config: Any) -> bool:
     training's), for LoRA on expert parameters (``lora_target_parameters``,
     whose handover is not built yet) and where the engine cannot resume from
     the warm-up (``engines.continuation_refusal``: FSDP2 with FULL_STATE_DICT,
-    DeepSpeed)."""
+    a DeepSpeed config with its own optimizer or scheduler)."""
     return (
         bool(config.get("adapter"))
         and not continuation_refusal(config)

@@ -1,11 +1,13 @@
 """Which distributed engine a config trains under, and what ILA does there.
 
 docs/multi-gpu.md has the whole matrix. In short: one process, DDP and FSDP2
-run everything that is tested; DeepSpeed ZeRO-2 and ZeRO-3 run LoRA and full
-fine-tuning with a cached ranking and with the search, training afresh after it
-(no one-run continuation). What no test here has run is refused at config load,
-before any work: FSDP1, other ZeRO stages, and under DeepSpeed QLoRA, a
-preference loss (``rl:``), ``ila_gate_train_lora`` and the one-run continuation.
+run everything that is tested; DeepSpeed ZeRO-2 and ZeRO-3 run LoRA, QLoRA and
+full fine-tuning with a cached ranking and with the search, and LoRA and QLoRA
+continue the training from the warm-up (``zero_handoff``). What no test here
+has run is refused at config load, before any work: FSDP1, other ZeRO stages,
+and under DeepSpeed 8-bit models (``load_in_8bit``), a preference loss
+(``rl:``) and ``ila_gate_train_lora``; the continuation also with a DeepSpeed
+config's own optimizer or scheduler, or ``lora_modules_to_save``.
 
 The functions read a raw config dict (before validation) or axolotl's
 validated config alike.
@@ -56,16 +58,22 @@ def engine(cfg: Any) -> str | None:
     return None
 
 
-def deepspeed_stage(cfg: Any) -> int | None:
-    """The ZeRO stage of ``deepspeed:`` (a JSON file's path or the dict itself);
-    None when it cannot be read."""
+def _deepspeed_block(cfg: Any) -> Mapping | None:
+    """The ``deepspeed:`` config (a JSON file's path or the dict itself), or None."""
     block = cfg.get("deepspeed")
     if isinstance(block, (str, Path)):
         try:
             block = json.loads(Path(block).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
-    if not isinstance(block, Mapping):
+    return block if isinstance(block, Mapping) else None
+
+
+def deepspeed_stage(cfg: Any) -> int | None:
+    """The ZeRO stage of ``deepspeed:`` (a JSON file's path or the dict itself);
+    None when it cannot be read."""
+    block = _deepspeed_block(cfg)
+    if block is None:
         return None
     zero = block.get("zero_optimization")
     stage = zero.get("stage", 0) if isinstance(zero, Mapping) else 0
@@ -89,12 +97,11 @@ def _deepspeed_refusal(cfg: Any) -> str | None:
             f"or 3), not stage {stage}: no test has run ILA under it. Use a ZeRO-2 or ZeRO-3 config "
             f"(axolotl's deepspeed_configs/zero2.json, zero3.json), or DDP; see docs/multi-gpu.md"
         )
-    if cfg.get("load_in_4bit") or cfg.get("load_in_8bit") or cfg.get("adapter") == "qlora":
+    if cfg.get("load_in_8bit"):
         return (
-            "axolotl_ila.ILAPlugin does not support quantized models (adapter: qlora, load_in_4bit, "
-            "load_in_8bit) under DeepSpeed: no test has run them (the tests train on CPU processes, where "
-            "DeepSpeed's ZeRO runs LoRA but a quantized base was never tried). Use adapter: lora under "
-            "DeepSpeed, or QLoRA under FSDP2 (fsdp_version: 2), which is tested; see docs/multi-gpu.md"
+            "axolotl_ila.ILAPlugin does not support 8-bit models (load_in_8bit) under DeepSpeed: no test has run "
+            "them (the tests run QLoRA's 4-bit base under ZeRO-2 and ZeRO-3). Use adapter: qlora (4-bit) or "
+            "adapter: lora; see docs/multi-gpu.md"
         )
     if cfg.get("rl"):
         rl = cfg.get("rl")
@@ -132,15 +139,22 @@ def engine_refusal(cfg: Any) -> str | None:
 def continuation_refusal(cfg: Any) -> str | None:
     """Why the engine cannot continue the training from the warm-up, or None."""
     if engine(cfg) == "deepspeed":
-        return (
-            "under DeepSpeed the warm-up would have to hand over as a checkpoint in DeepSpeed's own layout "
-            "(global_step<N>/: each rank's ZeRO partition of the flattened fp32 weights and AdamW moments of "
-            "the kept modules only, re-flattened for the training's smaller parameter set), and that handover "
-            "is not built: the warm-up's optimizer holds ZeRO's flat partitions, not the LoRA weights ILA "
-            "hands over under DDP and FSDP2. Under DeepSpeed the run searches, then trains afresh with the "
-            "selection; for the one-run continuation use DDP or FSDP2 (fsdp_version: 2 with "
-            "fsdp_config.state_dict_type: SHARDED_STATE_DICT)"
-        )
+        own = [key for key in ("optimizer", "scheduler") if key in (_deepspeed_block(cfg) or {})]
+        if own:
+            return (
+                f"under DeepSpeed the warm-up hands over torch AdamW's state and transformers' learning-rate "
+                f"schedule (zero_handoff), and this DeepSpeed config brings its own {' and '.join(own)} "
+                f"({', '.join(own)} in {cfg.get('deepspeed')!r}), which no test has run with the handover. Remove "
+                f"{' and '.join(own)} from the DeepSpeed config (the trainer's own are used, as in axolotl's "
+                f"deepspeed_configs/zero2.json and zero3.json)"
+            )
+        if cfg.get("lora_modules_to_save"):
+            return (
+                "under DeepSpeed the warm-up hands over LoRA weights only, and lora_modules_to_save trains whole "
+                "copies of other modules too, whose handover is not built. Remove lora_modules_to_save, or train "
+                "with DDP or FSDP2"
+            )
+        return None
     if engine(cfg) == "fsdp2" and fsdp_state_dict_type(cfg) != SHARDED:
         return (
             f"under FSDP2 the warm-up hands over as a checkpoint the engine resumes from, and with "

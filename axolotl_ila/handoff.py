@@ -32,6 +32,15 @@ saves and reloads a LoRA adapter as rank 0's shards only (accelerate's
 ``save_fsdp_model(adapter_only=True)`` pickles the DTensors rank 0 holds), so a
 resume would not restore the warm-up on the other ranks.
 
+Under DeepSpeed ZeRO-2 and ZeRO-3 the optimizer holds flat partitions laid out
+for the warm-up's parameters, so the handover goes per parameter
+(``zero_handoff``): every rank gathers each LoRA weight's fp32 master and AdamW
+moments with DeepSpeed's accessors, the checkpoint holds the kept ones in
+``ila_zero_state.pt`` instead of ``optimizer.pt`` (the adapter is the masters in
+the model's precision), and the training's engine is given them per parameter
+by a wrap of transformers' DeepSpeed resume call that takes this checkpoint and
+hands every other to the original (``zero_handoff.install_resume``).
+
 Before the training loads it, the checkpoint's ``trainer_state.json`` gets
 the training's own logging, evaluation and saving intervals and batch size
 (``align_with_training``): the warm-up logged every step and saved nothing.
@@ -57,6 +66,8 @@ import torch
 
 from axolotl_ila.architecture import strip_peft_prefix
 from axolotl_ila.ranking import write_json_atomic
+from axolotl_ila.zero_handoff import ZERO_STATE_FILE, ZeroWarmState, is_deepspeed_trainer
+from axolotl_ila.zero_handoff import verify as verify_zero
 
 LOG = logging.getLogger("axolotl.ila")
 
@@ -136,11 +147,13 @@ class WarmState:
     scheduler: dict[str, Any]
     trainer_state: dict[str, Any]
     sharded: ShardedWarmState | None = None  # FSDP2: this rank's shards, for the engine's resume
+    zero: ZeroWarmState | None = None  # DeepSpeed ZeRO: whole fp32 weights and moments, per parameter
 
     @classmethod
     def capture(cls, trainer: Any) -> "WarmState":
+        if is_deepspeed_trainer(trainer):
+            return cls._capture_zero(trainer)
         from peft import get_peft_model_state_dict
-        from transformers import TrainerControl
 
         model = trainer.model
         peft_state = get_peft_model_state_dict(model)
@@ -160,22 +173,29 @@ class WarmState:
             for p, n in zip(group["params"], names):
                 if p in optimizer.state:
                     state[n] = {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for k, v in optimizer.state[p].items()}
-        trainer_state = json.loads(json.dumps(dataclasses.asdict(trainer.state), default=str))
-        # The warm-up's stop flag is not the training's; the training's own
-        # stateful callbacks get their fresh state at its start (HandoffCheck).
-        trainer_state["stateful_callbacks"] = {"TrainerControl": TrainerControl().state()}
-        trainer_state["best_model_checkpoint"] = None
-        peft_config = model.peft_config[getattr(model, "active_adapter", "default")]
         return cls(
-            step=int(trainer.state.global_step),
             adapter=adapter,
-            adapter_config=json.loads(json.dumps(peft_config.to_dict(), default=list)),
             optimizer_groups=groups,
             optimizer_state=state,
-            scheduler=trainer.lr_scheduler.state_dict(),
-            trainer_state=trainer_state,
             sharded=sharded,
+            **_trainer_parts(trainer),
         )
+
+    @classmethod
+    def _capture_zero(cls, trainer: Any) -> "WarmState":
+        """DeepSpeed ZeRO: every rank gathers each trainable LoRA weight's fp32
+        master and moments (collectives); the adapter is the masters in the
+        model's precision, which is what ZeRO copies into the model after a step."""
+        zero = ZeroWarmState.capture(trainer)
+        dtypes = {n: p.dtype for n, p in trainer.model.named_parameters()}
+        adapter = {saved_key(n): s["fp32"].to(dtypes[n]) for n, s in zero.params.items()}
+        return cls(adapter=adapter, optimizer_groups=[], optimizer_state={}, zero=zero, **_trainer_parts(trainer))
+
+    def kept_param_names(self, kept: set[str]) -> list[str]:
+        """The kept trainable weights' names, in the order the training holds them."""
+        if self.zero is not None:
+            return [n for n in self.zero.params if lora_module_of(n) in kept]
+        return self.optimizer_state_dict(kept)[1]
 
     def optimizer_state_dict(self, kept: set[str]) -> tuple[dict[str, Any], list[str]]:
         """A ``torch.optim`` state dict for the kept parameters only, numbered as
@@ -190,6 +210,30 @@ class WarmState:
             names.extend(members)
             groups.append({**{k: v for k, v in group.items() if k != "names"}, "params": indices})
         return {"state": state, "param_groups": groups}, names
+
+
+def saved_key(param_name: str) -> str:
+    """PEFT's saved key of a LoRA weight: the parameter's name without the adapter's."""
+    return param_name.replace(".default.", ".", 1)
+
+
+def _trainer_parts(trainer: Any) -> dict[str, Any]:
+    """The step, adapter config, scheduler and trainer state, under any engine."""
+    from transformers import TrainerControl
+
+    model = trainer.model
+    trainer_state = json.loads(json.dumps(dataclasses.asdict(trainer.state), default=str))
+    # The warm-up's stop flag is not the training's; the training's own
+    # stateful callbacks get their fresh state at its start (HandoffCheck).
+    trainer_state["stateful_callbacks"] = {"TrainerControl": TrainerControl().state()}
+    trainer_state["best_model_checkpoint"] = None
+    peft_config = model.peft_config[getattr(model, "active_adapter", "default")]
+    return {
+        "step": int(trainer.state.global_step),
+        "adapter_config": json.loads(json.dumps(peft_config.to_dict(), default=list)),
+        "scheduler": trainer.lr_scheduler.state_dict(),
+        "trainer_state": trainer_state,
+    }
 
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
@@ -230,13 +274,16 @@ def write_checkpoint(warm: WarmState, kept: list[str], dropped: list[str], outpu
     warm-up (FSDP2) every process calls ``write_sharded_checkpoint`` instead."""
     final = checkpoint_dir(output_dir, warm.step)
     _check_free(final, output_dir)
-    optimizer, names = warm.optimizer_state_dict(set(kept))
+    names = warm.kept_param_names(set(kept))
     tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         _write_common(warm, kept, dropped, tmp, exclude, names)
-        torch.save(optimizer, tmp / "optimizer.pt")
+        if warm.zero is not None:  # DeepSpeed: per-parameter state, applied by zero_handoff.apply
+            torch.save(warm.zero.kept_only(lambda name: lora_module_of(name) in set(kept)), tmp / ZERO_STATE_FILE)
+        else:
+            torch.save(warm.optimizer_state_dict(set(kept))[0], tmp / "optimizer.pt")
         tmp.rename(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -372,6 +419,16 @@ def handoff_check_callback(output_dir: str | Path, expected: str | Path | None):
                 for callback in self.trainer.callback_handler.callbacks + [self.trainer.control]:
                     if isinstance(callback, ExportableState):
                         state.stateful_callbacks.setdefault(type(callback).__name__, callback.state())
+            deepspeed = self.trainer is not None and is_deepspeed_trainer(self.trainer)
+            if (checkpoint / ZERO_STATE_FILE).is_file() != deepspeed:
+                raise HandoffError(
+                    f"ILA: the warm-up's checkpoint {checkpoint} was written {'with' if not deepspeed else 'without'} "
+                    f"DeepSpeed and this run trains {'with' if deepspeed else 'without'} it; its state cannot be "
+                    f"handed over across engines. Resume with the warm-up's engine, or use a fresh output_dir."
+                )
+            if deepspeed:
+                verify_zero(self.trainer.model_wrapped, checkpoint)  # weights, moments, step counts
+                return
             record = json.loads((checkpoint / HANDOFF_NAME).read_text(encoding="utf-8"))
             params = dict(model.named_parameters())
             by_saved_key = {k.replace(".default.", ".", 1): p for k, p in params.items() if ".lora_" in k}

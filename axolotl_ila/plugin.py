@@ -12,8 +12,9 @@ Hook order in ``axolotl.cli.train``:
     add_callbacks_pre_trainer  for a training that starts from a search's warm-up
                       (now, or resumed): a callback that proves it did, before step one
     post_trainer_create  verify once more, now that the trainer holds the model;
-                      give a warm-up checkpoint the training's intervals; add the
-                      selection to the model card transformers writes
+                      give a warm-up checkpoint the training's intervals (under
+                      DeepSpeed: let transformers' resume take it, zero_handoff);
+                      add the selection to the model card transformers writes
     post_train        the training finished: remove a warm-up checkpoint that a
                       run without checkpoints (save_strategy: no) no longer needs
 
@@ -46,6 +47,7 @@ from axolotl_ila.plan import ModelInfo, Plan, kernel_warnings, model_card_note, 
 from axolotl_ila.preference import method, verify_reference
 from axolotl_ila.search_config import IN_SEARCH_KEY
 from axolotl_ila.selection import RANKED_STRATEGIES
+from axolotl_ila.zero_handoff import install_resume, is_deepspeed_trainer
 
 LOG = logging.getLogger("axolotl.ila")
 
@@ -161,6 +163,8 @@ class ILAPlugin(BasePlugin):
             return
         if self._handoff_check is not None:
             self._handoff_check.trainer = trainer
+            if is_deepspeed_trainer(trainer):
+                install_resume()  # transformers' DeepSpeed resume, taught the warm-up's checkpoint
         if cfg.rl:
             self._apply_to_preference_trainer(cfg, trainer)
         elif cfg.adapter:

@@ -16,6 +16,8 @@ DeepSpeed (``deepspeed:``, started with ``ACCELERATE_USE_CPU=false``) needs one
 more: accelerate starts DeepSpeed only on ranks it does not treat as CPU ranks,
 and gives a rank without an accelerator no backend (here: gloo, on which
 accelerate itself starts DeepSpeed; DeepSpeed's CPU accelerator does the rest).
+It also skips building DeepSpeed's shared-memory comm op, which only inference
+uses (``_no_shm_comm_op``).
 
 FSDP2 (``fsdp_version: 2``) needs three more redirections, each only of where
 things live, never of what axolotl or accelerate do with them: axolotl builds
@@ -130,6 +132,25 @@ def _cpu_deepspeed() -> None:
         return found, kind
 
     PartialState._prepare_backend = _prepare_backend
+
+
+def _no_shm_comm_op() -> None:
+    """DeepSpeed: on a CPU accelerator its comm backend builds a shared-memory C++
+    op at start (``deepspeed.comm.torch.build_shm_op``: a compiler and ~90 s on
+    the first start). The op serves only ``inference_all_reduce``, which training
+    never calls (``all_reduce`` goes to torch.distributed, here gloo); without it
+    DeepSpeed takes that path for inference too. So CI needs no C++ compiler."""
+    import importlib
+
+    # The module itself: the package's ``deepspeed.comm.torch`` attribute is the torch package.
+    backend = importlib.import_module("deepspeed.comm.torch")
+    backend.build_shm_op = lambda: None
+
+
+def _config_uses_deepspeed(config: str) -> bool:
+    import yaml
+
+    return bool(yaml.safe_load(Path(config).read_text(encoding="utf-8")).get("deepspeed"))
 
 
 def _load_indexed_cpu_locations() -> None:
@@ -252,6 +273,8 @@ def main(config: str) -> None:
     _cpu_fsdp()
     _cpu_qlora_fsdp_device_map()
     _cpu_deepspeed()
+    if _config_uses_deepspeed(config):  # importing DeepSpeed costs seconds: only where it runs
+        _no_shm_comm_op()
     _load_indexed_cpu_locations()
     _count_ranking_writes()
     _watch_trainer()

@@ -190,16 +190,42 @@ ZERO2, ZERO3 = {"zero_optimization": {"stage": 2}}, {"zero_optimization": {"stag
 
 
 @pytest.mark.parametrize("deepspeed", [ZERO2, ZERO3])
-def test_deepspeed_zero2_and_zero3_run_lora_and_full_finetuning_and_train_afresh_after_the_search(deepspeed):
+def test_deepspeed_zero2_and_zero3_run_lora_and_full_finetuning_and_lora_continues_from_the_warmup(deepspeed):
     from axolotl_ila.args import check_combination, continues_by_default
 
     cfg = {"ila_strategy": "first", "adapter": "lora", "deepspeed": deepspeed}
     check_combination(cfg)  # not refused
-    assert not continues_by_default(cfg)
-    with pytest.raises(ValueError, match=r"ila_continue: true cannot work here: under DeepSpeed .*\(global_step<N>/") as info:
-        check_combination({**cfg, "ila_continue": True})
-    assert "use DDP or FSDP2" in str(info.value)
+    assert continues_by_default(cfg)
+    check_combination({**cfg, "ila_continue": True})
     check_combination({**cfg, "adapter": None})  # full fine-tuning: not refused
+    assert not continues_by_default({**cfg, "adapter": None})
+
+
+@pytest.mark.parametrize("deepspeed", [ZERO2, ZERO3])
+def test_deepspeed_zero2_and_zero3_run_qlora_and_continue_from_the_warmup(deepspeed):
+    from axolotl_ila.args import check_combination, continues_by_default
+
+    cfg = {"ila_strategy": "first", "adapter": "qlora", "load_in_4bit": True, "deepspeed": deepspeed}
+    check_combination(cfg)  # not refused
+    assert continues_by_default(cfg)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"deepspeed": {**ZERO2, "optimizer": {"type": "AdamW"}}}, r"brings its own optimizer .* Remove optimizer from the DeepSpeed config"),
+        ({"deepspeed": {**ZERO3, "scheduler": {"type": "WarmupLR"}}}, r"brings its own scheduler .* Remove scheduler from the DeepSpeed config"),
+        ({"deepspeed": ZERO2, "lora_modules_to_save": ["embed_tokens"]}, r"lora_modules_to_save trains whole copies"),
+    ],
+)
+def test_deepspeed_continuation_is_refused_where_its_handover_is_not_built(overrides, message):
+    from axolotl_ila.args import check_combination, continues_by_default
+
+    cfg = {"ila_strategy": "first", "adapter": "lora", **overrides}
+    check_combination(cfg)  # the default trains afresh after the search
+    assert not continues_by_default(cfg)
+    with pytest.raises(ValueError, match=rf"ila_continue: true cannot work here: under DeepSpeed .*{message}"):
+        check_combination({**cfg, "ila_continue": True})
 
 
 def test_deepspeed_stage_is_read_from_the_json_file(tmp_path):
@@ -219,7 +245,7 @@ def test_deepspeed_stage_is_read_from_the_json_file(tmp_path):
         ({"deepspeed": {"zero_optimization": {"stage": 1}}}, r"supports DeepSpeed ZeRO-2 and ZeRO-3 only .* not stage 1"),
         ({"deepspeed": {"train_batch_size": 8}}, r"supports DeepSpeed ZeRO-2 and ZeRO-3 only .* not stage 0"),
         ({"deepspeed": "deepspeed_configs/absent.json"}, r"could not read the ZeRO stage of deepspeed: 'deepspeed_configs/absent.json'"),
-        ({"deepspeed": ZERO2, "adapter": "qlora", "load_in_4bit": True}, r"does not support quantized models .* under DeepSpeed: no test has run them"),
+        ({"deepspeed": ZERO2, "load_in_8bit": True}, r"does not support 8-bit models \(load_in_8bit\) under DeepSpeed: no test has run them"),
         ({"deepspeed": ZERO3, "ila_gate_train_lora": True}, r"ila_gate_train_lora: true is not supported under DeepSpeed"),
         ({"deepspeed": ZERO2, "rl": "dpo"}, r"does not support a preference loss \(rl: dpo\) under DeepSpeed: no test has run one"),
     ],

@@ -6,8 +6,11 @@ A file of its own, so that pytest-xdist (``--dist loadfile``) runs it beside
 test_multiproc.py. What is checked: the search under ZeRO-2 and ZeRO-3 (on
 partitioned LoRA weights) gives the scores of a one-process search of the same
 global batches; the training has adapters exactly on the kept modules on every
-rank (LoRA) or freezes exactly the dropped weights (full fine-tuning); a run
-killed after a DeepSpeed checkpoint resumes from it with the ranking's selection.
+rank (LoRA; QLoRA, its 4-bit base kept) or freezes exactly the dropped weights
+(full fine-tuning); LoRA and QLoRA training continues from the warm-up (the
+one-run continuation), LoRA's ending where a one-process run of the same
+batches ends; a run killed after a DeepSpeed checkpoint resumes from it with
+the ranking's selection.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
+from axolotl_ila.handoff import lora_module_of
 from axolotl_ila.ranking import load_ranking
 from conftest import adapter_modules, load_tensors, make_config, read_json, run_train, write_config
 from test_multiproc import (
@@ -29,6 +34,7 @@ from test_multiproc import (
     kept_and_dropped,
     killed_then_resumed,
     log_lines,
+    mentions,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.multiproc]
@@ -74,7 +80,8 @@ def lora_cfg(tiny_llama, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def one_process_ranking(lora_cfg, tmp_path_factory) -> Path:
-    """The same global batches in one process: 4 rows x 2 accumulation steps."""
+    """The same global batches in one process: 4 rows x 2 accumulation steps;
+    the training continues from the warm-up, its adapter in ``run/`` beside."""
     out = tmp_path_factory.mktemp("one-process")
     ranking = out / "ranking.json"
     cfg = {**lora_cfg, "ila_ranking": str(ranking), "gradient_accumulation_steps": 2,
@@ -84,18 +91,19 @@ def one_process_ranking(lora_cfg, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_zero_lora_searches_trains_the_selection_and_resumes(stage, lora_cfg, one_process_ranking, tmp_path):
+def test_deepspeed_zero_lora_searches_continues_from_the_warmup_and_resumes(stage, lora_cfg, one_process_ranking, tmp_path):
     """Both ranks search (ZeRO-3: on partitioned LoRA weights), one writes; the
-    training starts afresh with adapters on the kept modules only (no one-run
-    continuation under DeepSpeed), is killed after DeepSpeed's checkpoint 8, and
-    resumes from it with the ranking's selection (the cached-ranking case)."""
+    training continues from the warm-up (ila_continue's default) with adapters
+    on the kept modules only, its engine given the warm-up's fp32 weights and
+    AdamW moments per parameter (zero_handoff); it is killed after DeepSpeed's
+    checkpoint 8 and resumes from it with the ranking's selection. Its final
+    adapter is the one-process run's of the same global batches."""
     ranking = tmp_path / "rankings" / "tiny-llama.json"
     cfg = {**lora_cfg, "deepspeed": str(deepspeed_config(stage, tmp_path)), "ila_ranking": str(ranking),
            "output_dir": str(tmp_path / "run"), "save_strategy": "steps", "save_steps": 8,
            "auto_resume_from_checkpoints": True}
     killed, resumed = killed_then_resumed(write_config(cfg, tmp_path / "config.yml"), 8, **DEEPSPEED_ENV)
     check_deepspeed(resumed, stage)
-    assert not log_lines(killed.logs, "the training continues from the warm-up")
     kept, _ = kept_and_dropped(ranking)
     for rank in (0, 1):
         assert set(resumed.reports[rank]["adapted"]) == kept
@@ -111,8 +119,21 @@ def test_deepspeed_zero_lora_searches_trains_the_selection_and_resumes(stage, lo
         score, norm = reference[module.name]
         assert module.score == pytest.approx(score, abs=1e-4), module.name
         assert module.update_norm == pytest.approx(norm, rel=1e-4), module.name
-    # Resumed after the kill from DeepSpeed's own checkpoint 8, to step 10.
+    # The training continued from the warm-up on both ranks (each rank's
+    # HandoffCheck read the engine's weights, moments and step counts back
+    # before step one; a failure would have ended the run before checkpoint 8).
+    warmup = ds.search["stage1"]["steps"]
+    assert mentions(killed.logs, f"the training continues from the warm-up's step {warmup} ") == WORLD_SIZE
     run_dir = tmp_path / "run"
+    handoff = run_dir / f"checkpoint-{warmup}"
+    assert (handoff / "ila_zero_state.pt").is_file() and not list(handoff.glob("global_step*"))
+    assert adapter_modules(handoff) == kept
+    assert set(read_json(handoff / "ila_handoff.json")["kept"]) == kept
+    zero_state = torch.load(handoff / "ila_zero_state.pt", weights_only=True)
+    assert {lora_module_of(name) for name in zero_state["params"]} == kept
+    assert zero_state["global_steps"] == warmup and float(zero_state["adam_step"]) == warmup
+    # Resumed after the kill from DeepSpeed's own checkpoint 8 (named by the
+    # trainer's step: the engine's step counter was handed over), to step 10.
     assert (run_dir / "checkpoint-8" / "global_step8").is_dir()
     check_resumed_from_the_ranking(resumed, ranking, cfg["max_steps"])
     assert set(read_json(run_dir / "ila_selection.json")["kept"]) == kept
@@ -120,7 +141,12 @@ def test_deepspeed_zero_lora_searches_trains_the_selection_and_resumes(stage, lo
     assert adapter_modules(run_dir) == kept
     saved = load_tensors(run_dir / "adapter_model.safetensors")
     assert all(t.numel() > 0 for t in saved.values())  # whole tensors, not ZeRO-3 partitions
-    assert all(bool(t.abs().sum() > 0) for k, t in saved.items() if ".lora_B." in k)  # B starts at zero: all trained
+    # Warm-up, handover (weights, AdamW moments, step), kill and resume under
+    # ZeRO end where the uninterrupted one-process run of the same batches ended.
+    one_process = load_tensors(one_process_ranking.parent / "run" / "adapter_model.safetensors")
+    assert saved.keys() == one_process.keys()
+    for key, tensor in one_process.items():
+        assert torch.allclose(saved[key], tensor, rtol=1e-3, atol=1e-5), key
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -134,3 +160,30 @@ def test_deepspeed_zero_full_finetuning_searches_then_freezes_exactly_the_droppe
     assert (tmp_path / "run" / "checkpoint-2" / "global_step2").is_dir()
     check_resumed_from_the_ranking(resumed, ranking, 4)
     check_full_finetuning(resumed, ranking, tiny_llama, tmp_path / "run")
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_qlora_searches_continues_from_the_warmup_and_resumes(stage, tiny_llama, tmp_path):
+    """QLoRA: the 4-bit base stays 4-bit on both ranks (frozen, so outside
+    ZeRO's optimizer; ZeRO-3 partitions the LoRA weights); the search, the
+    continuation from the warm-up, the kill after checkpoint 8 and the resume
+    with the ranking's selection run as with LoRA."""
+    ranking = tmp_path / "ranking.json"
+    cfg = make_config(tiny_llama, tmp_path, adapter="qlora", ila_ranking=str(ranking), **MULTIPROC_SETTINGS,
+                      deepspeed=str(deepspeed_config(stage, tmp_path)), save_strategy="steps", save_steps=8,
+                      auto_resume_from_checkpoints=True)
+    killed, resumed = killed_then_resumed(write_config(cfg, tmp_path / "config.yml"), 8, **DEEPSPEED_ENV)
+    check_deepspeed(resumed, stage)
+    kept, _ = kept_and_dropped(ranking)
+    warmup = load_ranking(ranking).search["stage1"]["steps"]
+    assert mentions(killed.logs, f"the training continues from the warm-up's step {warmup} ") == WORLD_SIZE
+    assert (tmp_path / "run" / f"checkpoint-{warmup}" / "ila_zero_state.pt").is_file()
+    assert (tmp_path / "run" / "checkpoint-8" / "global_step8").is_dir()
+    check_resumed_from_the_ranking(resumed, ranking, cfg["max_steps"])
+    for rank in (0, 1):
+        assert resumed.reports[rank]["four_bit_linears"] == 28  # the base stays 4-bit, dropped modules included
+        assert set(resumed.reports[rank]["adapted"]) == kept
+        assert len(resumed.reports[rank]["trainable"]) == 2 * len(kept)
+    assert adapter_modules(tmp_path / "run") == kept
+    saved = load_tensors(tmp_path / "run" / "adapter_model.safetensors")
+    assert all(bool(t.abs().sum() > 0) for k, t in saved.items() if ".lora_B." in k)  # B starts at zero: all trained
