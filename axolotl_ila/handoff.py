@@ -191,12 +191,6 @@ class WarmState:
         adapter = {saved_key(n): s["fp32"].to(dtypes[n]) for n, s in zero.params.items()}
         return cls(adapter=adapter, optimizer_groups=[], optimizer_state={}, zero=zero, **_trainer_parts(trainer))
 
-    def kept_param_names(self, kept: set[str]) -> list[str]:
-        """The kept trainable weights' names, in the order the training holds them."""
-        if self.zero is not None:
-            return [n for n in self.zero.params if lora_module_of(n) in kept]
-        return self.optimizer_state_dict(kept)[1]
-
     def optimizer_state_dict(self, kept: set[str]) -> tuple[dict[str, Any], list[str]]:
         """A ``torch.optim`` state dict for the kept parameters only, numbered as
         the training's optimizer will number them; and their names, in order."""
@@ -274,16 +268,19 @@ def write_checkpoint(warm: WarmState, kept: list[str], dropped: list[str], outpu
     warm-up (FSDP2) every process calls ``write_sharded_checkpoint`` instead."""
     final = checkpoint_dir(output_dir, warm.step)
     _check_free(final, output_dir)
-    names = warm.kept_param_names(set(kept))
+    kept_set = set(kept)
+    if warm.zero is not None:  # DeepSpeed: per-parameter state, applied by zero_handoff.apply
+        optimizer = warm.zero.kept_only(lambda name: lora_module_of(name) in kept_set)
+        optimizer_file, names = ZERO_STATE_FILE, list(optimizer["params"])
+    else:
+        optimizer, names = warm.optimizer_state_dict(kept_set)
+        optimizer_file = "optimizer.pt"
     tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         _write_common(warm, kept, dropped, tmp, exclude, names)
-        if warm.zero is not None:  # DeepSpeed: per-parameter state, applied by zero_handoff.apply
-            torch.save(warm.zero.kept_only(lambda name: lora_module_of(name) in set(kept)), tmp / ZERO_STATE_FILE)
-        else:
-            torch.save(warm.optimizer_state_dict(set(kept))[0], tmp / "optimizer.pt")
+        torch.save(optimizer, tmp / optimizer_file)
         tmp.rename(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -150,7 +150,9 @@ def _no_shm_comm_op() -> None:
 def _config_uses_deepspeed(config: str) -> bool:
     import yaml
 
-    return bool(yaml.safe_load(Path(config).read_text(encoding="utf-8")).get("deepspeed"))
+    from axolotl_ila.engines import engine
+
+    return engine(yaml.safe_load(Path(config).read_text(encoding="utf-8"))) == "deepspeed"
 
 
 def _load_indexed_cpu_locations() -> None:

@@ -26,7 +26,7 @@ from axolotl_ila.ranking import Ranking, load_ranking, save_ranking
 from axolotl_ila.search import SearchResult
 from axolotl_ila.selection import SelectionError
 from axolotl_ila.tiny import make_alpaca_rows, write_jsonl
-from conftest import adapter_modules, make_config, read_json, run_train, write_config
+from conftest import TEST_ENV, adapter_modules, make_config, read_json, run_train, write_config
 from test_args import load, load_cfg, refused, restore_environment  # noqa: F401  (fixtures)
 
 SPECTRUM = "axolotl.integrations.spectrum.SpectrumPlugin"
@@ -155,7 +155,7 @@ def test_a_file_appearing_at_ila_ranking_during_the_search_leaves_the_ranking_in
     cfg = make_config(tiny_llama, tmp_path, ila_ranking=str(ranking), ila_gate_steps=8, ila_warmup_max_steps=10, max_steps=4)
     config = write_config(cfg, tmp_path / "config.yml")
     log = tmp_path / "train.log"
-    env = {**os.environ, "AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, **TEST_ENV}
     with open(log, "w") as handle:
         run = subprocess.Popen([sys.executable, "-m", "axolotl.cli.train", str(config)], stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
         deadline = time.time() + 300

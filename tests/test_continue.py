@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from axolotl_ila.ranking import load_ranking
-from conftest import adapter_modules, load_tensors, make_config, read_json, run_train, write_config
+from conftest import TEST_ENV, adapter_modules, load_tensors, make_config, read_json, run_train, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -151,7 +151,7 @@ def test_a_run_killed_after_the_handover_resumes_from_the_warmup_checkpoint_then
     run = tmp_path / "run"
     handoff = run / f"checkpoint-{WARMUP}"
     log = tmp_path / "first.log"
-    env = {**os.environ, "AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, **TEST_ENV}
     with open(log, "w") as handle:
         first = subprocess.Popen([sys.executable, "-m", "axolotl.cli.train", str(config)], stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
         deadline = time.time() + 600

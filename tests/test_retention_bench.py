@@ -15,7 +15,7 @@ from axolotl_ila.tiny import make_alpaca_rows, write_jsonl
 from benchmarks.retention import data as retention_data
 from benchmarks.retention import run as retention
 from benchmarks.retention import stats as retention_stats
-from conftest import adapter_modules, read_json
+from conftest import TEST_ENV, adapter_modules, read_json
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = [sys.executable, "-m", "benchmarks.retention.run"]  # run from the repository root
@@ -69,7 +69,7 @@ def test_study_trains_scores_and_resumes(tiny_llama, searched, tmp_path):
         "--rankings", str(rankings), "--workdir", str(tmp_path / "work"), "--results", str(results),
         "--seeds", "1", "--epochs", "2", "--train-rows", "48", "--variants", "all", "ila keep .3",
     ]
-    env = {**os.environ, "AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, **TEST_ENV}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=REPO)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
 

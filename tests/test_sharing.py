@@ -21,7 +21,7 @@ import pytest
 from axolotl_ila.cli import main
 from axolotl_ila.hub import ACCEPTED_FORMS, HubPath, HubPathError, parse_hub_path
 from axolotl_ila.ranking import Ranking, RankingError, load_ranking, locate_ranking, save_ranking
-from conftest import adapter_modules, make_config, read_json, run_python, run_train, write_config
+from conftest import TEST_ENV, adapter_modules, make_config, read_json, run_python, run_train, write_config
 from test_args import load, load_cfg, refused, restore_environment  # noqa: F401  (fixtures)
 
 COMMIT_A = "a" * 40
@@ -274,7 +274,7 @@ def entry_point_installed() -> None:
 
 def python(*args: str) -> subprocess.CompletedProcess:
     """A fresh interpreter: for what a process imports."""
-    env = {**os.environ, "AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, **TEST_ENV}
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=300)
 
 
