@@ -120,23 +120,38 @@ class Zygote:
             raise RuntimeError(f"tests/zygote.py exited ({self.process.wait()})")
         return json.loads(line)
 
-    def run(self, argv: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    def run(self, argv: list[str], cwd: Path, envs: list[dict[str, str]], timeout: float,
+            monitor_s: float = 0) -> list[subprocess.CompletedProcess]:
+        """One child per environment in ``envs``, all started at once; each
+        one's exit code and output (see the zygote's docstring for what
+        happens when one of them fails)."""
         import signal
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="zygote-") as folder:
-            out, err = Path(folder) / "stdout", Path(folder) / "stderr"
-            request = {"argv": argv, "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err)}
+            files = [(Path(folder) / f"stdout-{i}", Path(folder) / f"stderr-{i}") for i in range(len(envs))]
+            children = [{"env": env, "stdout": str(out), "stderr": str(err)} for env, (out, err) in zip(envs, files)]
+            request = {"argv": argv, "cwd": str(cwd), "children": children, "monitor_s": monitor_s}
             self.process.stdin.write(json.dumps(request) + "\n")
             self.process.stdin.flush()
-            pid = self._read(timeout=60)["pid"]
+            pids = self._read(timeout=60)["pids"]
+
+            def output() -> list[tuple[str, str]]:
+                return [(out.read_text(), err.read_text()) for out, err in files]
+
             try:
-                returncode = self._read(timeout=timeout)["returncode"]
+                returncodes = self._read(timeout=timeout)["returncodes"]
             except subprocess.TimeoutExpired:
-                os.killpg(pid, signal.SIGKILL)
+                for pid in pids:
+                    try:
+                        os.killpg(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
                 self._read(timeout=60)
-                raise subprocess.TimeoutExpired([sys.executable, *argv], timeout, out.read_text(), err.read_text())
-            return subprocess.CompletedProcess([sys.executable, *argv], returncode, out.read_text(), err.read_text())
+                stdout, stderr = ("\n".join(parts) for parts in zip(*output()))
+                raise subprocess.TimeoutExpired([sys.executable, *argv], timeout, stdout, stderr)
+            return [subprocess.CompletedProcess([sys.executable, *argv], code, out, err)
+                    for code, (out, err) in zip(returncodes, output())]
 
     def close(self) -> None:
         self.process.stdin.close()  # end of input ends it
@@ -147,27 +162,41 @@ class Zygote:
 # holds a few hundred MB): the suite's usual environment, and one a test set.
 _ZYGOTES: dict[tuple, Zygote] = {}
 
+# What a launcher sets per rank (as torchrun does) or what a test sets per run
+# for its own harness; read when a run starts, never when a module is imported.
+PER_RUN_NAMES = {
+    "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
+    "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU", "ILA_TEST_REPORT_DIR", "ILA_TEST_KILL_AFTER_SAVE",
+    "ILA_TEST_FAIL_WRITE", "PYTEST_CURRENT_TEST",
+}
 
-def without_pytest_names(env: dict[str, str]) -> dict[str, str]:
-    """The environment less what pytest changes from test to test (the
-    current test's name), which no import reads."""
-    return {k: v for k, v in env.items() if k != "PYTEST_CURRENT_TEST"}
+
+def import_time_environment(env: dict[str, str]) -> tuple:
+    """What of ``env`` a zygote must have had when it imported: all of it but
+    PER_RUN_NAMES (pytest's current test name among them)."""
+    return tuple(sorted((k, v) for k, v in env.items() if k not in PER_RUN_NAMES))
 
 
-def run_python(argv: list[str], cwd: Path, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """``python ARGV`` (``-m module ...`` or ``-c code ...``) in ``cwd``, with
-    this process's environment plus TEST_ENV and ``env``: output captured as
-    text, like ``subprocess.run``. Forked from a zygote started with that same
-    environment (modules read some variables when imported)."""
-    wanted = {**os.environ, **TEST_ENV, **(env or {})}
-    key = tuple(sorted(without_pytest_names(wanted).items()))
+def zygote_for(env: dict[str, str]) -> Zygote:
+    """A zygote whose imports saw ``env`` (started if none is live)."""
+    key = import_time_environment(env)
     zygote = _ZYGOTES.pop(key, None)
     if zygote is None:
         if len(_ZYGOTES) >= 2:
             _ZYGOTES.pop(next(iter(_ZYGOTES))).close()
-        zygote = Zygote(wanted)
+        zygote = Zygote({k: v for k, v in env.items() if k not in PER_RUN_NAMES})
     _ZYGOTES[key] = zygote
-    return zygote.run(argv, cwd, wanted, timeout)
+    return zygote
+
+
+def run_python(argv: list[str], cwd: Path, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python ARGV`` (``-m module ...``, ``-c code ...`` or ``script ...``)
+    in ``cwd``, with this process's environment plus TEST_ENV and ``env``:
+    output captured as text, like ``subprocess.run``. Forked from a zygote
+    started with that same environment (modules read some variables when
+    imported)."""
+    wanted = {**os.environ, **TEST_ENV, **(env or {})}
+    return zygote_for(wanted).run(argv, cwd, [wanted], timeout)[0]
 
 
 def run_train(config: Path, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:

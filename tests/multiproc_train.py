@@ -8,6 +8,9 @@ then runs axolotl's real train entry point, started by
 
     ACCELERATE_USE_CPU=true python -m torch.distributed.run --nproc_per_node 2 tests/multiproc_train.py CONFIG
 
+(or with its two ranks forked from ``tests/zygote.py``, which gives them the
+same environment; ``test_multiproc.launch``).
+
 (``ACCELERATE_USE_CPU``, which ``accelerate launch --cpu`` also sets, makes the
 HF trainer treat the CPU ranks as one distributed run; without it every rank
 would train alone although a process group exists.)

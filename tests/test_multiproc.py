@@ -1,8 +1,10 @@
 """Two real processes (gloo, CPU) through axolotl's own train entry point.
 
-Each launch is ``torchrun --nproc_per_node 2`` (or ``accelerate launch``) of
-``tests/multiproc_train.py``, a test-only wrapper around ``axolotl.cli.train`` that
-only moves the model to the CPU (see its docstring). Every rank writes a report
+Each launch starts two ranks of ``tests/multiproc_train.py``, a test-only wrapper
+around ``axolotl.cli.train`` that only moves the model to the CPU (see its
+docstring): one through ``torchrun --nproc_per_node 2``, one through ``accelerate
+launch``, the others forked from a process with axolotl's stack imported, with
+the environment torchrun gives its ranks (``launch``). Every rank writes a report
 (what it planned, which ranking it read, what its trainer trains); the tests check
 those, the files written and the logs. A launch that outlives its timeout is
 killed and fails the test, so a hang cannot pass.
@@ -24,7 +26,7 @@ import pytest
 import torch
 
 from axolotl_ila.ranking import file_digest, load_ranking
-from conftest import adapter_modules, load_tensors, make_config, read_json, run_train, write_config
+from conftest import TEST_ENV, adapter_modules, load_tensors, make_config, read_json, run_train, write_config, zygote_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.multiproc]
 
@@ -68,16 +70,28 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def launch(config: Path, launcher: str = "torchrun", monitor_s: int = 2, **env_extra: str) -> Launch:
-    """Start two ranks on ``config``; wait at most LAUNCH_TIMEOUT_S."""
+def rank_environments(env: dict[str, str], port: str) -> list[dict[str, str]]:
+    """Each rank's environment, as torchrun gives it to the processes it starts
+    on one machine (what torch.distributed's ``env://`` and accelerate read)."""
+    return [{**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0", "ROLE_RANK": str(rank),
+             "WORLD_SIZE": str(WORLD_SIZE), "LOCAL_WORLD_SIZE": str(WORLD_SIZE), "ROLE_WORLD_SIZE": str(WORLD_SIZE),
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port} for rank in range(WORLD_SIZE)]
+
+
+def launch(config: Path, launcher: str = "zygote", monitor_s: int = 2, **env_extra: str) -> Launch:
+    """Start two ranks on ``config``; wait at most LAUNCH_TIMEOUT_S.
+
+    ``launcher``: "zygote" forks both ranks from a process that has axolotl's
+    training stack imported (conftest.Zygote), with the environment torchrun
+    would give them; "torchrun" and "accelerate" start them through those
+    launchers, as users do (two fresh interpreters each, about 15 s of imports
+    apiece on this machine)."""
     reports = config.parent / f"reports-{config.stem}"
     shutil.rmtree(reports, ignore_errors=True)
     port = str(_free_port())
     env = {
         **os.environ,
-        "AXOLOTL_DO_NOT_TRACK": "1",
-        "HF_HUB_OFFLINE": "1",
-        "CUDA_VISIBLE_DEVICES": "",
+        **TEST_ENV,
         # Makes the HF trainer run the CPU ranks as one distributed (DDP) run, as
         # `accelerate launch --cpu` would; without it each rank trains alone.
         "ACCELERATE_USE_CPU": "true",
@@ -85,14 +99,33 @@ def launch(config: Path, launcher: str = "torchrun", monitor_s: int = 2, **env_e
         "ILA_TEST_REPORT_DIR": str(reports),
         **env_extra,
     }
+    if launcher == "zygote":
+        envs = rank_environments(env, port)
+        try:
+            ranks = zygote_for(env).run([str(HARNESS), str(config)], config.parent, envs, LAUNCH_TIMEOUT_S, monitor_s)
+        except subprocess.TimeoutExpired as timeout:
+            pytest.fail(f"the two ranks did not finish within {LAUNCH_TIMEOUT_S} s (a rank hangs):\n"
+                        f"{timeout.output[-3000:]}\n{timeout.stderr[-3000:]}")
+        returncode = next((rank.returncode for rank in ranks if rank.returncode != 0), 0)
+        logs = "\n".join(rank.stdout + rank.stderr for rank in ranks)
+    else:
+        returncode, logs = launch_through(launcher, config, env, port, monitor_s)
+    found = {int(p.stem.split("-")[1]): json.loads(p.read_text()) for p in reports.glob("rank-*.json")}
+    return Launch(returncode, logs, found)
+
+
+def launch_through(launcher: str, config: Path, env: dict[str, str], port: str, monitor_s: int) -> tuple[int, str]:
+    """``torchrun`` or ``accelerate launch`` of the harness: the exit code and the merged output."""
     if launcher == "torchrun":
         # A rank that fails is reported within monitor_s; the other rank has
         # that long to reach (and report) its own error before it is stopped.
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD_SIZE}",
                    "--master_addr=127.0.0.1", f"--master_port={port}", f"--monitor_interval={monitor_s}"]
-    else:
+    elif launcher == "accelerate":
         command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={WORLD_SIZE}",
                    "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={port}"]
+    else:
+        raise ValueError(f"unknown launcher {launcher!r}")
     process = subprocess.Popen(
         [*command, str(HARNESS), str(config)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=config.parent,
@@ -111,8 +144,7 @@ def launch(config: Path, launcher: str = "torchrun", monitor_s: int = 2, **env_e
                 pass
         logs, _ = process.communicate()
         pytest.fail(f"the two ranks did not finish within {LAUNCH_TIMEOUT_S} s (a rank hangs):\n{logs[-6000:]}")
-    found = {int(p.stem.split("-")[1]): json.loads(p.read_text()) for p in reports.glob("rank-*.json")}
-    return Launch(process.returncode, logs, found)
+    return process.returncode, logs
 
 
 def check(run: Launch, wrapped: str = "DistributedDataParallel") -> Launch:
@@ -137,7 +169,8 @@ def mentions(logs: str, text: str) -> int:
 
 @pytest.fixture(scope="module")
 def two_ranks(tiny_llama, tmp_path_factory) -> dict:
-    """No ranking present: both ranks search, then train LoRA under DDP.
+    """No ranking present: both ranks search, then train LoRA under DDP;
+    started by torchrun.
 
     ``curriculum_sampling`` (sequential order, no shuffle) makes the data order
     reproducible by a one-process run for the averaging test: rank 0 takes
@@ -147,7 +180,7 @@ def two_ranks(tiny_llama, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("two-ranks")
     ranking = out / "rankings" / "tiny-llama.json"
     cfg = make_config(tiny_llama, out, ila_ranking=str(ranking), curriculum_sampling=True, **MULTIPROC_SETTINGS)
-    run = check(launch(write_config(cfg, out / "config.yml")))
+    run = check(launch(write_config(cfg, out / "config.yml"), launcher="torchrun"))
     return {"out": out, "ranking": ranking, "run": run, "cfg": cfg}
 
 
@@ -214,7 +247,7 @@ def test_two_process_gate_scores_equal_a_one_process_search_of_the_same_global_b
         assert module.update_norm == pytest.approx(norms_one[module.name], rel=1e-4), module.name
 
 
-def killed_then_resumed(config: Path, kill_after: int, launcher: str = "torchrun", **env: str) -> tuple[Launch, Launch]:
+def killed_then_resumed(config: Path, kill_after: int, launcher: str = "zygote", **env: str) -> tuple[Launch, Launch]:
     """Launch a run that searches; every rank dies (SIGKILL) once checkpoint
     ``kill_after`` is saved; launch it again. The second launch finds the ranking
     the first wrote and takes its selection from that file without searching

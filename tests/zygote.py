@@ -1,6 +1,7 @@
 """A Python process with axolotl's training stack already imported, which
-forks one child per command: ``python -m MODULE ARGS`` or ``python -c CODE``
-as a fresh interpreter would run them, without paying the imports again.
+forks one child per command: ``python -m MODULE ARGS``, ``python -c CODE`` or
+``python SCRIPT ARGS`` as a fresh interpreter would run them, without paying
+the imports again.
 
 Importing what ``axolotl.cli.train`` needs (axolotl.train, transformers'
 model registry, trl, peft, datasets) takes about 10 s of CPU, more than a tiny
@@ -16,19 +17,28 @@ caller (``conftest.run_python``) therefore sends a command here only when its
 environment is exactly the one this process started with, and starts another
 zygote for another environment.
 
+Several children can start from one request: the ranks of a multi-process
+run (``tests/test_multiproc.py``), each with its own environment (``RANK``,
+``LOCAL_RANK``, ...), as ``torchrun`` would start them. Once one of them fails,
+the others get ``monitor_s`` seconds to end on their own, then SIGTERM (and
+SIGKILL 30 s later), as torchrun's agent stops a failed run's workers.
+
 Protocol, one JSON object per line: the request on stdin
-``{"argv": [...], "cwd": ..., "env": {...}, "stdout": path, "stderr": path}``, where argv
-is ``["-m", module, *args]`` or ``["-c", code, *args]``; this process answers
-on stdout ``{"pid": N}`` when the child starts and ``{"returncode": R}`` when
-it ends (whatever else it prints goes to stderr). End of input ends it.
+``{"argv": [...], "cwd": ..., "children": [{"env": {...}, "stdout": path, "stderr": path}, ...], "monitor_s": S}``,
+where argv is ``["-m", module, *args]``, ``["-c", code, *args]`` or
+``[script, *args]``; this process answers on stdout ``{"pids": [...]}`` when
+the children start and ``{"returncodes": [...]}`` when all have ended (whatever
+else it prints goes to stderr). End of input ends it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 
@@ -58,7 +68,7 @@ def other_threads() -> list[str]:
     return names
 
 
-def run_child(request: dict) -> None:
+def run_child(argv: list[str], cwd: str, child: dict) -> None:
     """In the forked child: become the command, never return."""
     import atexit
     import logging
@@ -68,26 +78,34 @@ def run_child(request: dict) -> None:
     code = 0
     try:
         os.setsid()  # its own process group, as a subprocess started with start_new_session
-        os.chdir(request["cwd"])
+        os.chdir(cwd)
         os.environ.clear()
-        os.environ.update(request["env"])
+        os.environ.update(child["env"])
         for fd, path, flags in ((0, os.devnull, os.O_RDONLY),
-                                (1, request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
-                                (2, request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
+                                (1, child["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+                                (2, child["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
             opened = os.open(path, flags, 0o644)
             os.dup2(opened, fd)
             os.close(opened)
         sys.stdin = open(0, closefd=False)
         sys.stdout = open(1, "w", buffering=1, closefd=False)
         sys.stderr = open(2, "w", buffering=1, closefd=False)
-        flag, target, *args = request["argv"]
-        sys.path[0] = "" if flag == "-c" else os.getcwd()  # as `python -c` / `python -m` set it
+        flag, *rest = argv
         if flag == "-m":
+            target, *args = rest
+            sys.path[0] = os.getcwd()  # as `python -m` sets it
             sys.argv = [target, *args]
             runpy.run_module(target, run_name="__main__", alter_sys=True)
         elif flag == "-c":
+            target, *args = rest
+            sys.path[0] = ""  # as `python -c` sets it
             sys.argv = ["-c", *args]
             exec(compile(target, "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+        elif not flag.startswith("-"):
+            script = os.path.abspath(flag)
+            sys.path[0] = os.path.dirname(script)  # as `python SCRIPT` sets it
+            sys.argv = [flag, *rest]
+            runpy.run_path(script, run_name="__main__")
         else:
             raise ValueError(f"zygote: unknown command form {flag!r}")
     except SystemExit as stop:
@@ -108,6 +126,37 @@ def run_child(request: dict) -> None:
         sys.stderr.flush()
     finally:
         os._exit(code)
+
+
+def signal_groups(pids: list[int], signum: int) -> None:
+    for pid in pids:
+        try:
+            os.killpg(pid, signum)  # each child leads its own process group (setsid)
+        except ProcessLookupError:
+            pass
+
+
+def wait_all(pids: list[int], monitor_s: float) -> list[int]:
+    """Every child's exit code. After the first failure the others have
+    ``monitor_s`` to end on their own, then SIGTERM, then SIGKILL 30 s on."""
+    codes: dict[int, int] = {}
+    failed_at = terminated_at = None
+    while len(codes) < len(pids):
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        now = time.monotonic()
+        if pid:
+            codes[pid] = os.waitstatus_to_exitcode(status)
+            if codes[pid] != 0 and failed_at is None:
+                failed_at = now
+            continue
+        running = [p for p in pids if p not in codes]
+        if failed_at is not None and terminated_at is None and now - failed_at > monitor_s:
+            signal_groups(running, signal.SIGTERM)
+            terminated_at = now
+        elif terminated_at is not None and now - terminated_at > 30:
+            signal_groups(running, signal.SIGKILL)
+        time.sleep(0.05)
+    return [codes[pid] for pid in pids]
 
 
 def main() -> None:
@@ -131,13 +180,15 @@ def main() -> None:
         request = json.loads(line)
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            answers.close()
-            run_child(request)
-        answer({"pid": pid})
-        _, status = os.waitpid(pid, 0)
-        answer({"returncode": os.waitstatus_to_exitcode(status)})
+        pids = []
+        for child in request["children"]:
+            pid = os.fork()
+            if pid == 0:
+                answers.close()
+                run_child(request["argv"], request["cwd"], child)
+            pids.append(pid)
+        answer({"pids": pids})
+        answer({"returncodes": wait_all(pids, request.get("monitor_s", 0))})
 
 
 if __name__ == "__main__":
