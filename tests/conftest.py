@@ -47,6 +47,23 @@ CPU_SETTINGS: dict[str, Any] = {
 }
 
 
+# The files that take longest, longest first (summed test time of a full run on
+# the 2-core VM). pytest-xdist's ``--dist loadfile`` hands a worker a whole file
+# each time it runs short of work, in collection order (pyproject's addopts turn
+# off its own reordering, by number of tests); started first, the long files
+# cannot be left to one worker alone at the end while the other idles.
+LONGEST_FIRST = [
+    "test_multiproc.py", "test_deepspeed.py", "test_planted.py", "test_continue.py", "test_e2e_train.py",
+    "test_preference.py", "test_sharing.py", "test_retention_bench.py", "test_bad_input.py", "test_cli.py",
+    "test_model_families.py",
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> dict[str, Path]:
     return build_workspace(tmp_path_factory.mktemp("llama"), "llama")
