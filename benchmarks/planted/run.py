@@ -82,6 +82,9 @@ STRATEGIES: dict[str, Strategy] = {
     "ila_joint": Strategy(
         "joint", "score", {"ila_gate_budget": "k/n", "ila_gate_train_lora": True}, "ila_keepk, and LoRA keeps learning during the gates"
     ),
+    "ila_trainlora": Strategy(
+        "trainlora", "score", {"ila_gate_train_lora": True}, "ila, and LoRA keeps learning during the gates (budget at its default)"
+    ),
     "ila_early16": Strategy("early16", "score", EARLY16, "warm-up stops once settled (cap 0.5), gates from 16 steps on"),
     "update_norm_early16": Strategy("early16", "update_norm", EARLY16, "update norms of the ila_early16 search"),
     "ila_cap25": Strategy("cap25", "score", {**EARLY16, **CAP25}, "ila_early16 with the warm-up capped at 0.25"),
