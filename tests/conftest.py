@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from axolotl_ila.tiny import build_workspace
+from zygote import signal_groups
 
 os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -159,11 +160,7 @@ class Zygote:
             try:
                 returncodes = self._read(timeout=timeout)["returncodes"]
             except subprocess.TimeoutExpired:
-                for pid in pids:
-                    try:
-                        os.killpg(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+                signal_groups(pids, signal.SIGKILL)
                 self._read(timeout=60)
                 stdout, stderr = ("\n".join(parts) for parts in zip(*output()))
                 raise subprocess.TimeoutExpired([sys.executable, *argv], timeout, stdout, stderr)
@@ -201,7 +198,7 @@ def zygote_for(env: dict[str, str]) -> Zygote:
     if zygote is None:
         if len(_ZYGOTES) >= 2:
             _ZYGOTES.pop(next(iter(_ZYGOTES))).close()
-        zygote = Zygote({k: v for k, v in env.items() if k not in PER_RUN_NAMES})
+        zygote = Zygote(dict(key))
     _ZYGOTES[key] = zygote
     return zygote
 
