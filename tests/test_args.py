@@ -77,7 +77,7 @@ def test_defaults_are_filled(load):
     assert cfg.ila_drop_fraction is None and cfg.ila_keep_fraction is None  # selection defaults to drop 0.25
     assert cfg.ila_gate_steps == 128
     # The stopping rules the planted-task suite chose (docs/planted.md).
-    assert cfg.ila_warmup_fraction == 0.5 and cfg.ila_warmup_early_stop is False and cfg.ila_gate_min_steps == 64
+    assert cfg.ila_warmup_fraction == 0.75 and cfg.ila_warmup_early_stop is False and cfg.ila_gate_min_steps == 64
     assert cfg.ila_seed == 42
     assert cfg.ila_ranking.endswith("tiny.json")
 

@@ -28,10 +28,10 @@ def test_search_runs_then_adapters_sit_exactly_on_the_selection(searched):
     assert record["ranking"]["copy"] == "ila_ranking.json"
     assert (run_dir / "ila_ranking.json").read_bytes() == searched["ranking"].read_bytes()
     assert "ILA search: warm-up" in searched["result"].stderr + searched["result"].stdout
-    # At the defaults the warm-up runs its whole length (half of max_steps 20),
+    # At the defaults the warm-up runs its whole length (0.75 of max_steps 20),
     # and the gates run at least min(ila_gate_min_steps 64, ila_gate_steps 16).
     stage1, stage2 = ranking.search["stage1"], ranking.search["stage2"]
-    assert stage1["early_stop"] is False and stage1["steps"] == stage1["max_steps"] == 10 and stage1["stop_reason"] == "cap"
+    assert stage1["early_stop"] is False and stage1["steps"] == stage1["max_steps"] == 15 and stage1["stop_reason"] == "cap"
     assert stage2["steps"] == 16
     # The search's scratch run leaves no checkpoints behind.
     assert not list((run_dir / ".ila_search").glob("checkpoint-*"))

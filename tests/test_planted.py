@@ -10,14 +10,16 @@ the same way, must come within a margin of that loss: the keep-k regret. The
 planted modules are no answer key (another module can train better within the
 steps), so the tests do not ask for them by name.
 
-The tasks are tasks of the benchmark suite (``benchmarks/planted``, seeds 2, 3
+The tasks are tasks of the benchmark suite (``benchmarks/planted``, seeds 2, 15
 and 16): three families, a short run (150-250 planned steps), a long one (400+)
 and one between. Each margin is the regret the suite measured for that task at
 the default (0.000 for all three) plus 0.03, the target for the worst task, so
-a change of the search that makes any of them clearly worse fails here. Task
-16 is one that ``ila_warmup_early_stop: true`` with ``ila_gate_min_steps: 16``
-fails (``ila_early16`` in the suite: the warm-up stops as settled at step 30
-of 175 and the top 3 train 0.099 worse than the planted set; docs/planted.md).
+a change of the search that makes any of them clearly worse fails here. Two of
+them fail the search's shorter settings: task 15 with the warm-up at 0.5 of
+the run (``ila_w50`` in the suite: 0.054, it ranks a block-0 ``down_proj``
+above a planted block-1 module), and task 16 with ``ila_warmup_early_stop:
+true`` and ``ila_gate_min_steps: 16`` (``ila_early16``: the warm-up stops as
+settled at step 30 of 175 and the top 3 train 0.099 worse; docs/planted.md).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from conftest import run_python
 # Suite seed -> the largest keep-k regret accepted: measured + 0.03.
 CI_TASKS: dict[int, float] = {
     2: 0.0 + 0.03,  # llama, 2 blocks, 610 planned steps
-    3: 0.0 + 0.03,  # qwen2 (q/k/v biases, grouped-query attention), 3 blocks, 170 steps
+    15: 0.0 + 0.03,  # qwen2 (q/k/v biases, grouped-query attention), 2 blocks, 150 steps
     16: 0.0 + 0.03,  # mistral (grouped-query attention), 5 blocks, 350 steps
 }
 

@@ -64,26 +64,29 @@ class Strategy:
 NEVER_SETTLE = {"ila_settle_agreement": 0.99999}
 
 CAP25 = {"ila_warmup_fraction": 0.25}  # the short end of the paper's 25-50%
+W50 = {"ila_warmup_fraction": 0.5}  # the long end: the default of the searches below that name no length
 
 # Early stops in both stages: the warm-up stops once its probed ranking has
 # settled (and the loss has flattened), the gates may stop from 16 steps on.
-EARLY16 = {"ila_warmup_early_stop": True, "ila_gate_min_steps": 16}
+EARLY16 = {**W50, "ila_warmup_early_stop": True, "ila_gate_min_steps": 16}
 
 # Gates that always run all 128 steps; their scores are kept at every check
 # (``gate_snapshots``), so one search gives the ranking after 16, 32, 64 ... steps.
-FULL_GATES = {"ila_gate_min_steps": 128, "ila_gate_steps": 128}
+FULL_GATES = {**W50, "ila_gate_min_steps": 128, "ila_gate_steps": 128}
 SNAPSHOT_STEPS = (16, 32, 48, 64, 96, 128)
 
 STRATEGIES: dict[str, Strategy] = {
-    "ila": Strategy("default", "score", {}, "every ila_ key at its default (warm-up 0.5 of the run, gates from 64 steps on)"),
+    "ila": Strategy("default", "score", {}, "every ila_ key at its default (warm-up 0.75 of the run, gates from 64 steps on)"),
     "update_norm": Strategy("default", "update_norm", {}, "the default search's warm-up update norms (ALLO-style)"),
-    # The gates compete for as much openness as keep-k keeps, at the default lengths.
-    "ila_keepk": Strategy("keepk", "score", {"ila_gate_budget": "k/n"}, "ila with ila_gate_budget: k/n"),
+    "ila_w50": Strategy("w50", "score", W50, "ila with the warm-up at 0.5 of the run (the paper's long end)"),
+    "update_norm_w50": Strategy("w50", "update_norm", W50, "the ila_w50 search's warm-up update norms"),
+    # The gates compete for as much openness as keep-k keeps.
+    "ila_keepk": Strategy("keepk", "score", {**W50, "ila_gate_budget": "k/n"}, "ila_w50 with ila_gate_budget: k/n"),
     "ila_joint": Strategy(
-        "joint", "score", {"ila_gate_budget": "k/n", "ila_gate_train_lora": True}, "ila_keepk, and LoRA keeps learning during the gates"
+        "joint", "score", {**W50, "ila_gate_budget": "k/n", "ila_gate_train_lora": True}, "ila_keepk, and LoRA keeps learning during the gates"
     ),
     "ila_trainlora": Strategy(
-        "trainlora", "score", {"ila_gate_train_lora": True}, "ila, and LoRA keeps learning during the gates (budget at its default)"
+        "trainlora", "score", {**W50, "ila_gate_train_lora": True}, "ila_w50, and LoRA keeps learning during the gates (budget at its default)"
     ),
     "ila_early16": Strategy("early16", "score", EARLY16, "warm-up stops once settled (cap 0.5), gates from 16 steps on"),
     "update_norm_early16": Strategy("early16", "update_norm", EARLY16, "update norms of the ila_early16 search"),

@@ -126,13 +126,17 @@ def study(model: Path, dataset: Path, seed: int, steps: int, batch: int, warmup_
         return {"wall_s": round(seconds, 1), "cpu_s": round(cpu, 1), "eval_loss": loss}
 
     def paper() -> dict:
+        # The reference does not depend on the first run's settings: one already
+        # in the workdir (written whole, or copied from another workdir of the
+        # same --steps and --micro-batch-size) is used as it is.
         paper_ranking = work / "rankings" / f"{name}-paper.json"
         cap = math.ceil(0.25 * steps)
-        search(config(
-            model, dataset, work, f"{name}-paper", seed=seed, max_steps=steps, micro_batch_size=batch, plugins=["axolotl_ila.ILAPlugin"],
-            ila_ranking=str(paper_ranking), ila_search="always", ila_warmup_fraction=0.25, ila_warmup_min_steps=cap, ila_gate_steps=128,
-            ila_gate_min_steps=128,
-        ))
+        if not paper_ranking.exists():
+            search(config(
+                model, dataset, work, f"{name}-paper", seed=seed, max_steps=steps, micro_batch_size=batch, plugins=["axolotl_ila.ILAPlugin"],
+                ila_ranking=str(paper_ranking), ila_search="always", ila_warmup_fraction=0.25, ila_warmup_min_steps=cap, ila_gate_steps=128,
+                ila_gate_min_steps=128,
+            ))
         ours, theirs = top_set(load_ranking(ranking)), top_set(load_ranking(paper_ranking))
         return {"jaccard_top75": round(jaccard(ours, theirs), 4)}
 
