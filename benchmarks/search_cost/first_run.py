@@ -164,7 +164,12 @@ def main(argv=None) -> int:
     results_path = work / "results.json"
     results = json.loads(results_path.read_text(encoding="utf-8")) if results_path.exists() else {}
     threads = os.environ.get("OMP_NUM_THREADS", "all")
-    settings = {"steps": args.steps, "micro_batch_size": args.micro_batch_size, "warmup_fraction": args.warmup_fraction, "threads": threads}
+    # The fraction the first run uses, the plugin's default resolved: a workdir
+    # made before a default changed is not mistaken for one made after.
+    from axolotl_ila.args import ILAArgs
+
+    fraction = args.warmup_fraction if args.warmup_fraction is not None else ILAArgs.model_fields["ila_warmup_fraction"].default
+    settings = {"steps": args.steps, "micro_batch_size": args.micro_batch_size, "warmup_fraction": fraction, "threads": threads}
     held = results.setdefault("settings", settings)
     if held != settings:
         raise SystemExit(
@@ -181,7 +186,7 @@ def main(argv=None) -> int:
         rows.append((item, study(args.model.resolve(), dataset.resolve(), int(seed), args.steps, args.micro_batch_size, args.warmup_fraction, work, results)))
 
     if args.warmup_fraction is None:
-        search_keys = "every ila_ key at its default"
+        search_keys = f"every ila_ key at its default (ila_warmup_fraction {fraction:g})"
     else:
         search_keys = f"ila_warmup_fraction {args.warmup_fraction:g}, every other ila_ key at its default"
     print(f"\nmodel {args.model}, {args.steps} planned steps, micro-batch {args.micro_batch_size} x 128 tokens, LoRA r=8, drop 25%, {search_keys}")
