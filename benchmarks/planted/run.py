@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -285,6 +287,19 @@ def per_task(results: Path, seeds: list[int], strategies: list[str]) -> str:
     return "\n".join(rows)
 
 
+def quiet() -> None:
+    logging.getLogger("axolotl").setLevel(logging.WARNING)
+
+
+def one_thread() -> None:
+    """A worker of ``--jobs``: one thread, as the results were measured (the
+    same sums in the same order), and axolotl's log as quiet as the parent's."""
+    import torch
+
+    torch.set_num_threads(1)
+    quiet()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, default=20, help="tasks 0..N-1 (random_task(seed))")
@@ -293,12 +308,24 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/axolotl-ila-planted"), help="scratch folder for models and data")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--table-only", action="store_true", help="print the table of what is finished, run nothing")
+    parser.add_argument("--jobs", type=int, default=1, help="tasks run at once, each in a process of its own on one thread (at most the cores)")
     args = parser.parse_args()
-    logging.getLogger("axolotl").setLevel(logging.WARNING)
+    if args.jobs < 1:
+        parser.error(f"--jobs {args.jobs}: give 1 or more")
+    quiet()
     seeds = list(range(args.first, args.first + args.tasks))
     if not args.table_only:
-        for seed in seeds:
-            run_task(seed, args.strategies, args.work, args.results)
+        if args.jobs == 1:
+            for seed in seeds:
+                run_task(seed, args.strategies, args.work, args.results)
+        else:
+            # Tasks write to folders of their own, so they run side by side.
+            # Spawned, not forked: a fork of a process that has run torch can hang.
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=one_thread) as pool:
+                futures = [pool.submit(run_task, seed, args.strategies, args.work, args.results) for seed in seeds]
+                for future in futures:
+                    future.result()
     print(per_task(args.results, seeds, args.strategies))
     print()
     print(table(args.results, seeds, args.strategies))
