@@ -12,6 +12,12 @@ the task), and LoRA on the strategy's top k (k = the number of planted
 modules) is trained for the planned steps; its keep-k regret is its held-out
 loss minus the planted set's.
 
+Tasks 902, 904, 952 and 954 are not drawn: they are the two examples of the
+issue that asked for this suite (a Llama of 4 blocks and a Qwen2 of 6, initial
+weights 0.25, rank-4 deltas in named modules), each at 200 and 400 planned
+steps (``ISSUE_TASKS``; the issue does not give the deltas' size: 1.0 of the
+weight). ``--seeds`` runs a list of tasks instead of a range.
+
 Resumable: every finished task's truth, every search's ranking and every
 strategy's result is one JSON file under ``results/<task>/``, skipped on a
 rerun. Built models and data go under ``--work`` (scratch, rebuilt on demand).
@@ -77,6 +83,24 @@ EARLY16 = {**W50, "ila_warmup_early_stop": True, "ila_gate_min_steps": 16}
 FULL_GATES = {**W50, "ila_gate_min_steps": 128, "ila_gate_steps": 128}
 SNAPSHOT_STEPS = (16, 32, 48, 64, 96, 128)
 
+def _issue_tasks() -> dict[int, PlantedTask]:
+    llama = ("model.layers.1.mlp.down_proj", "model.layers.2.self_attn.v_proj", "model.layers.3.mlp.up_proj")
+    qwen2 = ("model.layers.0.self_attn.o_proj", "model.layers.3.self_attn.k_proj", "model.layers.5.mlp.gate_proj")
+    tasks = {}
+    for steps in (200, 400):
+        seed = 900 + steps // 100
+        tasks[seed] = PlantedTask("llama", 4, llama, delta_rank=4, delta_scale=1.0, steps=steps, seed=seed, init_range=0.25)
+        tasks[seed + 50] = PlantedTask("qwen2", 6, qwen2, delta_rank=4, delta_scale=1.0, steps=steps, seed=seed + 50, init_range=0.25)
+    return tasks
+
+
+ISSUE_TASKS = _issue_tasks()
+
+
+def task_for(seed: int) -> PlantedTask:
+    return ISSUE_TASKS.get(seed) or random_task(seed)
+
+
 STRATEGIES: dict[str, Strategy] = {
     "ila": Strategy("default", "score", {}, "every ila_ key at its default (warm-up 0.75 of the run, gates from 64 steps on)"),
     "update_norm": Strategy("default", "update_norm", {}, "the default search's warm-up update norms (ALLO-style)"),
@@ -87,6 +111,9 @@ STRATEGIES: dict[str, Strategy] = {
     "ila_joint": Strategy(
         "joint", "score", {**W50, "ila_gate_budget": "k/n", "ila_gate_train_lora": True}, "ila_keepk, and LoRA keeps learning during the gates"
     ),
+    "ila_trainlora75": Strategy("trainlora75", "score", {"ila_gate_train_lora": True}, "ila, and LoRA keeps learning during the gates"),
+    "ila_w90": Strategy("w90", "score", {"ila_warmup_fraction": 0.9}, "ila with the warm-up at 0.9 of the run"),
+    "ila_g128_75": Strategy("g128_75", "score", {"ila_gate_min_steps": 128}, "ila with the gates always 128 steps"),
     "ila_trainlora": Strategy(
         "trainlora", "score", {**W50, "ila_gate_train_lora": True}, "ila_w50, and LoRA keeps learning during the gates (budget at its default)"
     ),
@@ -197,7 +224,7 @@ def set_loss(task: PlantedTask, files, modules: list[str], cache_path: Path) -> 
 
 
 def run_task(seed: int, strategies: list[str], work: Path, results: Path) -> None:
-    task = random_task(seed)
+    task = task_for(seed)
     folder = results / task.name
     files = None
 
@@ -254,7 +281,7 @@ def run_task(seed: int, strategies: list[str], work: Path, results: Path) -> Non
 
 def table(results: Path, seeds: list[int], strategies: list[str]) -> str:
     rows = []
-    tasks = [random_task(s) for s in seeds]
+    tasks = [task_for(s) for s in seeds]
     header = f"{'strategy':20s} {'tasks':>5s} {'median':>8s} {'worst':>8s} {'mean':>8s} {'recall':>7s} {'steps':>6s}  targets (median <= 0.01, worst <= 0.03)"
     rows.append(header)
     for name in strategies:
@@ -274,7 +301,7 @@ def table(results: Path, seeds: list[int], strategies: list[str]) -> str:
 def per_task(results: Path, seeds: list[int], strategies: list[str]) -> str:
     rows = [f"{'task':28s} {'k':>2s} {'KL all':>7s} {'planted':>8s} " + " ".join(f"{s[:12]:>12s}" for s in strategies)]
     for seed in seeds:
-        task = random_task(seed)
+        task = task_for(seed)
         truth_path = results / task.name / "truth.json"
         if not truth_path.exists():
             continue
@@ -304,6 +331,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, default=20, help="tasks 0..N-1 (random_task(seed))")
     parser.add_argument("--first", type=int, default=0, help="first task seed")
+    parser.add_argument("--seeds", type=int, nargs="+", help="these tasks instead of --first/--tasks (902 904 952 954: the issue's examples)")
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
     parser.add_argument("--work", type=Path, default=Path("/tmp/axolotl-ila-planted"), help="scratch folder for models and data")
     parser.add_argument("--results", type=Path, default=RESULTS)
@@ -313,7 +341,7 @@ def main() -> None:
     if args.jobs < 1:
         parser.error(f"--jobs {args.jobs}: give 1 or more")
     quiet()
-    seeds = list(range(args.first, args.first + args.tasks))
+    seeds = args.seeds or list(range(args.first, args.first + args.tasks))
     if not args.table_only:
         if args.jobs == 1:
             for seed in seeds:
