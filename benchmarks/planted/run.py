@@ -83,6 +83,7 @@ EARLY16 = {**W50, "ila_warmup_early_stop": True, "ila_gate_min_steps": 16}
 FULL_GATES = {**W50, "ila_gate_min_steps": 128, "ila_gate_steps": 128}
 SNAPSHOT_STEPS = (16, 32, 48, 64, 96, 128)
 
+
 def _issue_tasks() -> dict[int, PlantedTask]:
     llama = ("model.layers.1.mlp.down_proj", "model.layers.2.self_attn.v_proj", "model.layers.3.mlp.up_proj")
     qwen2 = ("model.layers.0.self_attn.o_proj", "model.layers.3.self_attn.k_proj", "model.layers.5.mlp.gate_proj")
