@@ -53,7 +53,7 @@ def show_json(ranking: Ranking, selection: Selection, path: str | Path) -> dict[
         "selection": selection.to_json(),
         "per_type": {k: {"kept": kept, "all": n} for k, kept, n in _per_group(selection, module_kind)},
         "per_block": {str(b): {"kept": kept, "all": n} for b, kept, n in _per_group(selection, block_index)},
-        "search": {k: ranking.search.get(k) for k in ("method", "created", "seed", "stage1", "stage2", "data", "combine") if k in ranking.search},
+        "search": {k: ranking.search.get(k) for k in ("method", "created", "seed", "stage1", "stage2", "relearn", "data", "combine") if k in ranking.search},
         "certainty": certainty(ranking.search) if "stage1" in ranking.search else None,
     }
 
@@ -102,6 +102,18 @@ def top_bottom_table(ranking: Ranking, n: int = 5, selection: Selection | None =
     return lines
 
 
+def relearn_line(relearn: dict[str, Any]) -> str:
+    """What the re-learning check did to the order, in one line."""
+    if not relearn.get("steps"):
+        return f"no re-learning check ({relearn.get('why_not', 'off')}): the gates alone give the order"
+    closed = relearn.get("closed") or []
+    moved = "" if relearn.get("shift") else "; none ranked above a kept one, so the order is the gates' own"
+    return (
+        f"{relearn['steps']} steps with LoRA learning; {len(closed)} modules closed (their work, others' LoRA "
+        f"can learn) are ranked after the rest{moved}"
+    )
+
+
 def show_text(ranking: Ranking, selection: Selection, path: str | Path, top: int, requested_groups: tuple[str, ...] = ()) -> str:
     lines = [f"ranking   {path}", _model_line(ranking), _ranked_line(ranking)]
     search = ranking.search
@@ -117,6 +129,9 @@ def show_text(ranking: Ranking, selection: Selection, path: str | Path, top: int
         if info:
             extra = f", stopped: {info['stop_reason']}" if "stop_reason" in info else ""
             lines.append(f"{stage}    {info.get('steps')} steps, {info.get('wall_s', 0):.1f} s, loss {info.get('loss_first', 0):.4f} -> {info.get('loss_last', 0):.4f}{extra}")
+    relearn = search.get("relearn")
+    if isinstance(relearn, dict):
+        lines.append(f"relearn   {relearn_line(relearn)}")
     if any(isinstance(search.get(stage), dict) for stage in ("stage1", "stage2")):
         warnings = certainty_warnings(search)
         lines.append("certainty " + ("settled: both stages' order had stopped moving" if not warnings else "NOT SETTLED"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import torch.distributed as dist
 
@@ -73,6 +73,20 @@ def all_reduce_mean_(tensor) -> None:
     if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         tensor.div_(dist.get_world_size())
+
+
+def is_sharded(tensor: Any) -> bool:
+    """A DTensor: FSDP2 keeps a shard of it on each rank."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def all_reduce_grad_mean_(grad) -> None:
+    """Average a gradient across processes, unless FSDP2 already has: its
+    backward leaves each rank the average of its shard (a DTensor)."""
+    if not is_sharded(grad):
+        all_reduce_mean_(grad)
 
 
 def same_on_all_ranks(value: str) -> bool:

@@ -6,7 +6,8 @@ full fine-tuning with a cached ranking and with the search, and LoRA and QLoRA
 continue the training from the warm-up (``zero_handoff``). What no test here
 has run is refused at config load, before any work: FSDP1, other ZeRO stages,
 and under DeepSpeed 8-bit models (``load_in_8bit``), a preference loss
-(``rl:``) and ``ila_gate_train_lora``; the continuation also with a DeepSpeed
+(``rl:``), ``ila_gate_train_lora`` and ``ila_relearn_steps`` above 0 (the search
+runs without the re-learning check there by default); the continuation also with a DeepSpeed
 config's own optimizer or scheduler, or ``lora_modules_to_save``.
 
 The functions read a raw config dict (before validation) or axolotl's
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 SHARDED = "SHARDED_STATE_DICT"
+DEFAULT_RELEARN_STEPS = 32  # ila_relearn_steps where DeepSpeed does not rule it out
 FULL = "FULL_STATE_DICT"
 
 
@@ -110,15 +112,33 @@ def _deepspeed_refusal(cfg: Any) -> str | None:
             f"DeepSpeed: no test has run one (the DeepSpeed tests train the supervised loss). Remove deepspeed: "
             f"for the preference run (one process or DDP), or train the supervised loss under DeepSpeed"
         )
+    why = (
+        "no test has run it; it steps the LoRA weights beside the gates with an optimizer of its own on "
+        "param.grad and the parameters themselves, which under ZeRO are managed by DeepSpeed's gradient hooks "
+        "(ZeRO-3: partitioned, empty outside a forward)"
+    )
     if cfg.get("ila_gate_train_lora"):
         return (
-            "ila_gate_train_lora: true is not supported under DeepSpeed: no test has run it; it steps the "
-            "LoRA weights beside the gates with an optimizer of its own on param.grad and the parameters "
-            "themselves, which under ZeRO are managed by DeepSpeed's gradient hooks (ZeRO-3: partitioned, "
-            "empty outside a forward). Remove ila_gate_train_lora (the gates then train "
-            "with LoRA frozen, as tested under ZeRO-2 and ZeRO-3)"
+            f"ila_gate_train_lora: true is not supported under DeepSpeed: {why}. Remove ila_gate_train_lora (the "
+            f"gates then train with LoRA frozen, as tested under ZeRO-2 and ZeRO-3)"
+        )
+    relearn = cfg.get("ila_relearn_steps")
+    if relearn:
+        return (
+            f"ila_relearn_steps: {relearn} is not supported under DeepSpeed: the re-learning check trains LoRA "
+            f"beside the gates, and {why}. Remove ila_relearn_steps (under DeepSpeed the search then runs "
+            f"without the check, as with ila_relearn_steps: 0)"
         )
     return None
+
+
+def relearn_steps(cfg: Any) -> int:
+    """``ila_relearn_steps``, or its default: 32, and 0 under DeepSpeed (where an
+    explicit value above 0 is refused at config load)."""
+    value = cfg.get("ila_relearn_steps")
+    if value is not None:
+        return int(value)
+    return 0 if engine(cfg) == "deepspeed" else DEFAULT_RELEARN_STEPS
 
 
 def engine_refusal(cfg: Any) -> str | None:

@@ -20,8 +20,8 @@ from typing import Any, Iterator
 import torch
 
 from axolotl_ila.analysis import top_jaccard
-from axolotl_ila.distributed import all_reduce_mean_, is_main_process
-from axolotl_ila.lora_update import install_gate
+from axolotl_ila.distributed import all_reduce_grad_mean_, all_reduce_mean_, is_main_process
+from axolotl_ila.lora_update import install_gate, lora_parameters
 from axolotl_ila.search_config import SearchError
 
 LOG = logging.getLogger("axolotl.ila")
@@ -192,6 +192,7 @@ def run_gates(
     check_every: int = 4,
     min_steps: int = 16,
     lora_lr: float | None = None,
+    label: str = "gates",
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """Learn the gate scores until their order settles (or ``max_steps``).
 
@@ -199,19 +200,16 @@ def run_gates(
     this learning rate, fresh moments), so that a module whose gate closes
     loses its share of the fit and the open ones must take it over: the gates
     compete for what training only the open modules would buy, not only for
-    what each update gives now. None: LoRA frozen (the paper's stage 2)."""
+    what each update gives now. None: LoRA frozen (the paper's stage 2).
+    ``label`` names the pass in the progress bar and the log."""
     from tqdm.auto import tqdm
 
     model = trainer.model
     for param in model.parameters():
         param.requires_grad_(False)
-    lora_params: list[torch.Tensor] = []
-    if lora_lr is not None:
-        for layer in layers.values():
-            for module in (layer.lora_A, layer.lora_B):
-                for param in module.parameters():
-                    param.requires_grad_(True)
-                    lora_params.append(param)
+    lora_params = lora_parameters(layers) if lora_lr is not None else []
+    for param in lora_params:
+        param.requires_grad_(True)
     lora_optimizer = torch.optim.AdamW(lora_params, lr=lora_lr, weight_decay=0.0) if lora_params else None
     gates = Gates(layers)
     update = GateStep(gates, budget=budget, lr=lr)
@@ -221,7 +219,7 @@ def run_gates(
     losses: list[float] = []
     stop_reason = "cap"
     model.train()
-    bar = tqdm(range(max_steps), desc="ILA gates", disable=not is_main_process())
+    bar = tqdm(range(max_steps), desc=f"ILA {label}", disable=not is_main_process())
     try:
         for step in bar:
             total = 0.0
@@ -233,7 +231,7 @@ def run_gates(
             if lora_optimizer is not None:
                 for param in lora_params:
                     if param.grad is not None:
-                        all_reduce_mean_(param.grad)
+                        all_reduce_grad_mean_(param.grad)
                 lora_optimizer.step()
                 lora_optimizer.zero_grad(set_to_none=True)
             losses.append(total)
@@ -247,7 +245,7 @@ def run_gates(
     finally:
         gates.remove()
     if is_main_process():
-        LOG.info("ILA gates stopped after %d/%d steps (%s), mean gate %.3f", len(losses), max_steps, stop_reason, gates.mean_gate())
+        LOG.info("ILA %s stopped after %d/%d steps (%s), mean gate %.3f", label, len(losses), max_steps, stop_reason, gates.mean_gate())
     record = {
         "steps": len(losses),
         "max_steps": max_steps,

@@ -65,6 +65,7 @@ from typing import Any
 import torch
 
 from axolotl_ila.architecture import strip_peft_prefix
+from axolotl_ila.distributed import is_sharded
 from axolotl_ila.ranking import write_json_atomic
 from axolotl_ila.zero_handoff import ZERO_STATE_FILE, ZeroWarmState, is_deepspeed_trainer
 from axolotl_ila.zero_handoff import verify as verify_zero
@@ -85,13 +86,6 @@ class HandoffError(RuntimeError):
 def lora_module_of(param_name: str) -> str:
     """``base_model.model.<module>.lora_A.default.weight`` -> ``<module>``."""
     return strip_peft_prefix(param_name.split(".lora_")[0])
-
-
-def is_sharded(tensor: Any) -> bool:
-    """A DTensor: FSDP2 keeps a shard of it on each rank."""
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
 
 
 def full(tensor: torch.Tensor) -> torch.Tensor:

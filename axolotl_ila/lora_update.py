@@ -27,6 +27,15 @@ def _is_param_wrapper(layer: Any) -> bool:
     return isinstance(layer, ParamWrapper)
 
 
+def lora_parameters(layers: dict[str, Any]) -> list[torch.Tensor]:
+    """The LoRA matrices of these layers, in order."""
+    params: list[torch.Tensor] = []
+    for layer in layers.values():
+        for module in (layer.lora_A, layer.lora_B):
+            params.extend(module.parameters())
+    return params
+
+
 @torch.no_grad()
 def update_norm(layer: Any, adapter: str = "default") -> float:
     """Frobenius norm of the layer's LoRA update ``scaling * B @ A`` (for an

@@ -8,13 +8,18 @@
 3. ``update_norms``: how far each module's LoRA update moved (ALLO-style scorer).
 4. The warm-up's state is kept (``handoff.WarmState``) for the training to
    continue from, unless the config asks for the paper's two runs.
-5. Stage 2 (``gates``): base and LoRA frozen; module i's LoRA output is scaled
+5. The re-learning check (``relearn``): the gates run for ``ila_relearn_steps``
+   with LoRA learning beside them, from the warm-up's state (put back after);
+   the modules they push out of the open share are the ones whose work other
+   modules' LoRA can learn.
+6. Stage 2 (``gates``): base and LoRA frozen; module i's LoRA output is scaled
    by sigmoid(s_i); the scores are learned until their order settles
-   (never before ``ila_gate_min_steps``).
-   Both stages use the trainer's own loss (``trainer.compute_loss``): the
+   (never before ``ila_gate_min_steps``). The modules the check closed are
+   ranked after the others, each group in its gate order.
+   Every stage uses the trainer's own loss (``trainer.compute_loss``): the
    supervised loss, or with ``rl:`` the preference loss (DPO, IPO, KTO, ORPO,
    SimPO), whose reference is the search model with its adapters disabled.
-6. The scores become a ``Ranking`` that records how it was made and why each
+7. The scores become a ``Ranking`` that records how it was made and why each
    stage stopped.
 """
 
@@ -29,12 +34,14 @@ from typing import Any
 import torch
 
 from axolotl_ila.certainty import certainty, certainty_warnings
-from axolotl_ila.cli import top_bottom_table
+from axolotl_ila.cli import relearn_line, top_bottom_table
 from axolotl_ila.gates import OrderSettle, curve, run_gates
 from axolotl_ila.handoff import WarmState
 from axolotl_ila.plan import ModelInfo
+from axolotl_ila.engines import relearn_steps
 from axolotl_ila.preference import loss_identity, method
 from axolotl_ila.ranking import Ranking
+from axolotl_ila.relearn import demote, lora_restored, open_share
 from axolotl_ila.search_config import SearchError, planned_steps, search_config, warmup_cap
 from axolotl_ila.warmup import FALLING_T_STAT, RankingProbe, loss_trend, lora_modules, update_norms, warmup_callback
 
@@ -109,10 +116,17 @@ def search_ranking(cfg: Any, dataset_meta: Any, info: ModelInfo, keep_warm_state
     norms = update_norms(layers)
     # 4. The warm-up's state, for the training to continue from.
     warm = WarmState.capture(trainer) if keep_warm_state else None
-    # 5. Stage 2: the gates.
+    # 5. The re-learning check.
+    set_seed(seed)
+    relearn_scores, relearn = _relearn_check(cfg, trainer, layers)
+    # 6. Stage 2: the gates, and the check's closed modules after the others.
     set_seed(seed)
     scores, stage2 = _gate_search(cfg, trainer, layers)
-    # 6. The ranking, with how it was made.
+    if relearn_scores is not None:
+        kept = open_share(relearn_scores, cfg.ila_gate_budget)
+        scores, shift = demote(scores, kept)
+        relearn.update(closed=[n for n in info.candidates if n not in kept], shift=shift)
+    # 7. The ranking, with how it was made.
     search = {
         "method": "ila",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -122,6 +136,7 @@ def search_ranking(cfg: Any, dataset_meta: Any, info: ModelInfo, keep_warm_state
         "adapter": scfg.adapter,
         "stage1": stage1,
         "stage2": stage2,
+        "relearn": relearn,
         "world_size": int(trainer.args.world_size),
         "versions": _versions(),
     }
@@ -136,6 +151,7 @@ def search_ranking(cfg: Any, dataset_meta: Any, info: ModelInfo, keep_warm_state
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    LOG.info("ILA re-learning check: %s", relearn_line(relearn))
     LOG.info("ILA search done\n%s", "\n".join(top_bottom_table(ranking)))
     for warning in certainty_warnings(search):
         LOG.warning("ILA: %s", warning)
@@ -244,3 +260,30 @@ def _gate_search(cfg: Any, trainer: Any, layers: dict[str, Any]) -> tuple[dict[s
     )
     stage2["wall_s"] = round(time.perf_counter() - started, 3)
     return scores, stage2
+
+
+def _relearn_check(cfg: Any, trainer: Any, layers: dict[str, Any]) -> tuple[dict[str, float] | None, dict[str, Any]]:
+    """The re-learning gates' scores (None when the check is off) and its record."""
+    steps = relearn_steps(cfg)
+    if steps == 0:
+        why = "ila_relearn_steps: 0" if cfg.ila_relearn_steps == 0 else "off by default under DeepSpeed"
+        LOG.info("ILA re-learning check: not run (%s)", why)
+        return None, {"steps": 0, "why_not": why}
+    started = time.perf_counter()
+    with lora_restored(layers):
+        scores, record = run_gates(
+            trainer,
+            layers,
+            steps,
+            cfg.ila_gate_lr,
+            cfg.ila_gate_budget,
+            agreement=cfg.ila_settle_agreement,
+            min_steps=steps,  # a fixed length: it never stops as settled
+            lora_lr=float(trainer.args.learning_rate),  # the warm-up's rate
+            label="re-learning check",
+        )
+    record["wall_s"] = round(time.perf_counter() - started, 3)
+    record["stop_reason"] = "fixed length"
+    record["open_share"] = cfg.ila_gate_budget
+    record["scores"] = {name: round(value, 5) for name, value in scores.items()}
+    return scores, record

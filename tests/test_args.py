@@ -78,6 +78,7 @@ def test_defaults_are_filled(load):
     assert cfg.ila_gate_steps == 128
     # The stopping rules the planted-task suite chose (docs/planted.md).
     assert cfg.ila_warmup_fraction == 0.75 and cfg.ila_warmup_early_stop is False and cfg.ila_gate_min_steps == 64
+    assert cfg.ila_relearn_steps is None  # 32, or 0 under DeepSpeed (engines.relearn_steps)
     assert cfg.ila_seed == 42
     assert cfg.ila_ranking.endswith("tiny.json")
 
@@ -183,6 +184,11 @@ def test_positive_integers(refused, key):
     refused(rf"{key} must be a positive integer, got 0", **{key: 0})
 
 
+@pytest.mark.parametrize("key", ["ila_gate_min_steps", "ila_relearn_steps"])
+def test_non_negative_integers(refused, key):
+    refused(rf"{key} must be >= 0, got -1", **{key: -1})
+
+
 # -- cross-key checks on the raw dict (no axolotl load needed) ---------------------
 
 
@@ -247,6 +253,7 @@ def test_deepspeed_stage_is_read_from_the_json_file(tmp_path):
         ({"deepspeed": "deepspeed_configs/absent.json"}, r"could not read the ZeRO stage of deepspeed: 'deepspeed_configs/absent.json'"),
         ({"deepspeed": ZERO2, "load_in_8bit": True}, r"does not support 8-bit models \(load_in_8bit\) under DeepSpeed: no test has run them"),
         ({"deepspeed": ZERO3, "ila_gate_train_lora": True}, r"ila_gate_train_lora: true is not supported under DeepSpeed"),
+        ({"deepspeed": ZERO2, "ila_relearn_steps": 32}, r"ila_relearn_steps: 32 is not supported under DeepSpeed: the re-learning check"),
         ({"deepspeed": ZERO2, "rl": "dpo"}, r"does not support a preference loss \(rl: dpo\) under DeepSpeed: no test has run one"),
     ],
 )
@@ -255,6 +262,16 @@ def test_what_deepspeed_has_not_run_is_refused_with_its_reason(overrides, messag
 
     with pytest.raises(ValueError, match=message):
         check_combination({"ila_strategy": "first", "adapter": "lora", **overrides})
+
+
+def test_the_relearning_check_runs_32_steps_by_default_and_none_under_deepspeed():
+    from axolotl_ila.args import check_combination
+    from axolotl_ila.engines import relearn_steps
+
+    assert relearn_steps({}) == 32 and relearn_steps({"fsdp_config": {"fsdp_version": 2}}) == 32
+    assert relearn_steps({"ila_relearn_steps": 8}) == 8 and relearn_steps({"ila_relearn_steps": 0}) == 0
+    assert relearn_steps({"deepspeed": ZERO3}) == 0
+    check_combination({"ila_strategy": "first", "adapter": "lora", "deepspeed": ZERO2, "ila_relearn_steps": 0})
 
 
 def test_engine_of_a_raw_or_validated_config():

@@ -81,10 +81,11 @@ def lora_cfg(tiny_llama, tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def one_process_ranking(lora_cfg, tmp_path_factory) -> Path:
     """The same global batches in one process: 4 rows x 2 accumulation steps;
-    the training continues from the warm-up, its adapter in ``run/`` beside."""
+    the training continues from the warm-up, its adapter in ``run/`` beside.
+    Without the re-learning check, as DeepSpeed searches by default."""
     out = tmp_path_factory.mktemp("one-process")
     ranking = out / "ranking.json"
-    cfg = {**lora_cfg, "ila_ranking": str(ranking), "gradient_accumulation_steps": 2,
+    cfg = {**lora_cfg, "ila_ranking": str(ranking), "gradient_accumulation_steps": 2, "ila_relearn_steps": 0,
            "output_dir": str(out / "run"), "dataset_prepared_path": str(out / "prepared")}
     run_train(write_config(cfg, out / "config.yml"))
     return ranking
@@ -113,6 +114,7 @@ def test_deepspeed_zero_lora_searches_continues_from_the_warmup_and_resumes(stag
     ds, one = load_ranking(ranking), load_ranking(one_process_ranking)
     assert ds.search["world_size"] == WORLD_SIZE and one.search["world_size"] == 1
     assert ds.names == one.names
+    assert ds.search["relearn"] == {"steps": 0, "why_not": "off by default under DeepSpeed"}
     reference = {m.name: (m.score, m.update_norm) for m in one.modules}
     assert max(abs(m.score) for m in ds.modules) > 0.05  # the gates did move
     for module in ds.modules:

@@ -245,6 +245,10 @@ def test_two_process_gate_scores_equal_a_one_process_search_of_the_same_global_b
     norms_one = {m.name: m.update_norm for m in one.modules}
     for module in two.modules:
         assert module.update_norm == pytest.approx(norms_one[module.name], rel=1e-4), module.name
+    # So does the re-learning check, whose LoRA steps take the rank-averaged gradients too.
+    assert two.search["relearn"]["steps"] == 32 and two.search["relearn"]["closed"] == one.search["relearn"]["closed"]
+    for name, score in two.search["relearn"]["scores"].items():
+        assert score == pytest.approx(one.search["relearn"]["scores"][name], abs=1e-4), name
 
 
 def killed_then_resumed(config: Path, kill_after: int, launcher: str = "zygote", **env: str) -> tuple[Launch, Launch]:
@@ -425,6 +429,10 @@ def test_fsdp2_search_ranks_as_ddp_does_and_one_process_writes(fsdp2_lora, two_r
         score, norm = ddp_scores[module.name]
         assert module.score == pytest.approx(score, abs=1e-4), module.name
         assert module.update_norm == pytest.approx(norm, rel=1e-4), module.name
+    # The re-learning check steps the sharded LoRA weights on FSDP2's averaged gradient shards.
+    assert fsdp.search["relearn"]["steps"] == 32 and fsdp.search["relearn"]["closed"] == ddp.search["relearn"]["closed"]
+    for name, score in fsdp.search["relearn"]["scores"].items():
+        assert score == pytest.approx(ddp.search["relearn"]["scores"][name], abs=1e-4), name
 
 
 def test_fsdp2_training_continues_from_the_sharded_warmup_and_resumes(fsdp2_lora, two_ranks):

@@ -89,11 +89,12 @@ def search(config_path: Path) -> None:
 
 def search_ranking(model: Path, dataset: Path, workdir: Path, ranking: Path, seed: int, warmup_steps: int = 60, gate_steps: int = 32, planned_steps: int | None = None) -> None:
     """Search ``dataset``'s ranking into ``ranking``, both stages run to their caps so that their lengths are what we say.
-    ``planned_steps`` (the run the warm-up is part of; default four warm-ups) sets the learning-rate schedule."""
+    ``planned_steps`` (the run the warm-up is part of; default four warm-ups) sets the learning-rate schedule.
+    The gates alone rank (``ila_relearn_steps: 0``), as in the studies' published tables."""
     search(config(
         model, dataset, workdir, ranking.stem, seed=seed, plugins=["axolotl_ila.ILAPlugin"], ila_ranking=str(ranking),
         ila_warmup_max_steps=warmup_steps, ila_warmup_min_steps=warmup_steps, ila_gate_steps=gate_steps,
-        ila_gate_min_steps=gate_steps, max_steps=planned_steps or warmup_steps * 4,
+        ila_gate_min_steps=gate_steps, ila_relearn_steps=0, max_steps=planned_steps or warmup_steps * 4,
     ))
 
 

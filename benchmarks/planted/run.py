@@ -67,12 +67,16 @@ class Strategy:
     gate_step: int | None = None  # order by the gate scores as they were after this many gate steps
 
 
+# The gates alone rank the modules: no re-learning check. Every strategy but
+# ``ila`` runs without it (they were measured before the check existed).
+GATES_ONLY = {"ila_relearn_steps": 0}
+
 # A search that never settles early: the warm-up runs to its cap and the gates
 # for all 128 steps (the paper's fixed-length recipe).
-NEVER_SETTLE = {"ila_settle_agreement": 0.99999}
+NEVER_SETTLE = {**GATES_ONLY, "ila_settle_agreement": 0.99999}
 
 CAP25 = {"ila_warmup_fraction": 0.25}  # the short end of the paper's 25-50%
-W50 = {"ila_warmup_fraction": 0.5}  # the long end: the default of the searches below that name no length
+W50 = {**GATES_ONLY, "ila_warmup_fraction": 0.5}  # the long end: the default of the searches below that name no length
 
 # Early stops in both stages: the warm-up stops once its probed ranking has
 # settled (and the loss has flattened), the gates may stop from 16 steps on.
@@ -103,8 +107,9 @@ def task_for(seed: int) -> PlantedTask:
 
 
 STRATEGIES: dict[str, Strategy] = {
-    "ila": Strategy("default", "score", {}, "every ila_ key at its default (warm-up 0.75 of the run, gates from 64 steps on)"),
-    "update_norm": Strategy("default", "update_norm", {}, "the default search's warm-up update norms (ALLO-style)"),
+    "ila": Strategy("default", "score", {}, "every ila_ key at its default (warm-up 0.75 of the run, re-learning check of 32 steps, gates from 64 steps on)"),
+    "ila_gates_only": Strategy("gates_only", "score", GATES_ONLY, "ila without the re-learning check (ila_relearn_steps: 0)"),
+    "update_norm": Strategy("gates_only", "update_norm", GATES_ONLY, "the default warm-up's update norms (ALLO-style)"),
     "ila_w50": Strategy("w50", "score", W50, "ila with the warm-up at 0.5 of the run (the paper's long end)"),
     "update_norm_w50": Strategy("w50", "update_norm", W50, "the ila_w50 search's warm-up update norms"),
     # The gates compete for as much openness as keep-k keeps.
@@ -112,9 +117,9 @@ STRATEGIES: dict[str, Strategy] = {
     "ila_joint": Strategy(
         "joint", "score", {**W50, "ila_gate_budget": "k/n", "ila_gate_train_lora": True}, "ila_keepk, and LoRA keeps learning during the gates"
     ),
-    "ila_trainlora75": Strategy("trainlora75", "score", {"ila_gate_train_lora": True}, "ila, and LoRA keeps learning during the gates"),
-    "ila_w90": Strategy("w90", "score", {"ila_warmup_fraction": 0.9}, "ila with the warm-up at 0.9 of the run"),
-    "ila_g128_75": Strategy("g128_75", "score", {"ila_gate_min_steps": 128}, "ila with the gates always 128 steps"),
+    "ila_trainlora75": Strategy("trainlora75", "score", {**GATES_ONLY, "ila_gate_train_lora": True}, "ila_gates_only, and LoRA keeps learning during the gates"),
+    "ila_w90": Strategy("w90", "score", {**GATES_ONLY, "ila_warmup_fraction": 0.9}, "ila_gates_only with the warm-up at 0.9 of the run"),
+    "ila_g128_75": Strategy("g128_75", "score", {**GATES_ONLY, "ila_gate_min_steps": 128}, "ila_gates_only with the gates always 128 steps"),
     "ila_trainlora": Strategy(
         "trainlora", "score", {**W50, "ila_gate_train_lora": True}, "ila_w50, and LoRA keeps learning during the gates (budget at its default)"
     ),
@@ -133,7 +138,7 @@ STRATEGIES: dict[str, Strategy] = {
     "ila_paper25": Strategy("paper25", "score", {**NEVER_SETTLE, **CAP25}, "warm-up always 25% of the run, 128 gate steps"),
     "ila_paper50": Strategy("paper50", "score", {**NEVER_SETTLE, "ila_warmup_fraction": 0.5}, "warm-up always 50% of the run, 128 gate steps"),
     "update_norm50": Strategy("paper50", "update_norm", {**NEVER_SETTLE, "ila_warmup_fraction": 0.5}, "update norms after a warm-up of 50%"),
-    "base_grad": Strategy("base_grad", "score", {}, "no search: rank-r energy of the full-weight gradient at the base (4 batches)"),
+    "base_grad": Strategy("base_grad", "score", GATES_ONLY, "no search: rank-r energy of the full-weight gradient at the base (4 batches)"),
     **{
         f"ila_g{n}": Strategy("gates128", "score", {**FULL_GATES, "ila_warmup_early_stop": True}, f"ila_early16's warm-up; the gate order after {n} gate steps", n)
         for n in SNAPSHOT_STEPS
@@ -272,7 +277,7 @@ def run_task(seed: int, strategies: list[str], work: Path, results: Path) -> Non
                 "regret": round(loss - truth["planted_loss"], 5),
                 "recall": recall(top, task.planted),
                 "planted_ranks": {m: order.index(m) + 1 for m in task.planted},
-                "search_steps": stage1["steps"] + (strategy.gate_step or stage2["steps"]),
+                "search_steps": stage1["steps"] + (strategy.gate_step or stage2["steps"]) + (ranking["search"].get("relearn") or {}).get("steps", 0),
                 "warmup": {k: stage1.get(k) for k in ("steps", "max_steps", "stop_reason")},
                 "gates": {k: stage2.get(k) for k in ("steps", "max_steps", "stop_reason")},
             },

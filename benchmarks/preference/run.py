@@ -108,6 +108,7 @@ def search(args, files, loss: str, seed: int) -> None:
         ila_warmup_min_steps=args.warmup_steps,
         ila_gate_steps=args.gate_steps,
         ila_gate_min_steps=args.gate_steps,
+        ila_relearn_steps=0,  # the gates alone, as in the study's published tables
         max_steps=args.train_steps,  # the schedule the warm-up's steps are the start of
     )
     config = write_config(args.work / "configs" / f"{name}.yml", cfg)

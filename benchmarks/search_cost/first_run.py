@@ -118,7 +118,9 @@ def study(model: Path, dataset: Path, seed: int, steps: int, batch: int, warmup_
             "warmup_stop": search_record["stage1"]["stop_reason"],
             "gate_steps": search_record["stage2"]["steps"],
             "gate_stop": search_record["stage2"]["stop_reason"],
-            "search_s": round(search_record["stage1"]["wall_s"] + search_record["stage2"]["wall_s"], 1),
+            "relearn_steps": search_record["relearn"]["steps"],
+            "relearn_s": search_record["relearn"].get("wall_s", 0.0),
+            "search_s": round(sum(search_record[k].get("wall_s", 0.0) for k in ("stage1", "relearn", "stage2")), 1),
         }
 
     def cached() -> dict:
@@ -135,7 +137,7 @@ def study(model: Path, dataset: Path, seed: int, steps: int, batch: int, warmup_
             search(config(
                 model, dataset, work, f"{name}-paper", seed=seed, max_steps=steps, micro_batch_size=batch, plugins=["axolotl_ila.ILAPlugin"],
                 ila_ranking=str(paper_ranking), ila_search="always", ila_warmup_fraction=0.25, ila_warmup_min_steps=cap, ila_gate_steps=128,
-                ila_gate_min_steps=128,
+                ila_gate_min_steps=128, ila_relearn_steps=0,
             ))
         ours, theirs = top_set(load_ranking(ranking)), top_set(load_ranking(paper_ranking))
         return {"jaccard_top75": round(jaccard(ours, theirs), 4)}
@@ -168,9 +170,13 @@ def main(argv=None) -> int:
     # made before a default changed is not mistaken for one made after.
     from axolotl_ila.args import ILAArgs
 
+    from axolotl_ila.engines import DEFAULT_RELEARN_STEPS
+
     fraction = args.warmup_fraction if args.warmup_fraction is not None else ILAArgs.model_fields["ila_warmup_fraction"].default
-    settings = {"steps": args.steps, "micro_batch_size": args.micro_batch_size, "warmup_fraction": fraction, "threads": threads}
+    settings = {"steps": args.steps, "micro_batch_size": args.micro_batch_size, "warmup_fraction": fraction, "threads": threads,
+                "relearn_steps": DEFAULT_RELEARN_STEPS}
     held = results.setdefault("settings", settings)
+    held.setdefault("relearn_steps", 0)  # a workdir from before the re-learning check
     if held != settings:
         raise SystemExit(
             f"{results_path} holds runs made with {held}, not {settings}: "
@@ -186,18 +192,18 @@ def main(argv=None) -> int:
         rows.append((item, study(args.model.resolve(), dataset.resolve(), int(seed), args.steps, args.micro_batch_size, args.warmup_fraction, work, results)))
 
     if args.warmup_fraction is None:
-        search_keys = f"every ila_ key at its default (ila_warmup_fraction {fraction:g})"
+        search_keys = f"every ila_ key at its default (ila_warmup_fraction {fraction:g}, ila_relearn_steps {held['relearn_steps']})"
     else:
         search_keys = f"ila_warmup_fraction {args.warmup_fraction:g}, every other ila_ key at its default"
     print(f"\nmodel {args.model}, {args.steps} planned steps, micro-batch {args.micro_batch_size} x 128 tokens, LoRA r=8, drop 25%, {search_keys}")
     versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in ("torch", "transformers", "peft", "axolotl"))
     print(f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs), Python {platform.python_version()}, {versions}, {time.strftime('%Y-%m-%d')}")
     print(
-        "| dataset:seed | warm-up steps (stop) | gate steps (stop) | gates s | switch s | s/step after the switch (cached run) "
+        "| dataset:seed | warm-up steps (stop) | re-learning steps (s) | gate steps (stop) | gates s | switch s | s/step after the switch (cached run) "
         "| first run s (CPU s) | cached run s (CPU s) | first / cached, wall (CPU) | top-75% Jaccard vs paper-length "
         "| eval loss one run | eval loss two runs | one - two |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     ratios, cpu_ratios, jaccards, diffs = [], [], [], []
     for item, r in rows:
         first, cached, paper = r["first"], r["cached"], r["paper"]
@@ -214,7 +220,8 @@ def main(argv=None) -> int:
         ranking = json.loads((work / "rankings" / f"{name}.json").read_text(encoding="utf-8"))
         where = phases(work, name, args.steps, first["warmup_steps"])
         print(
-            f"| {item} | {first['warmup_steps']} ({first['warmup_stop']}) | {first['gate_steps']} ({first['gate_stop']}) "
+            f"| {item} | {first['warmup_steps']} ({first['warmup_stop']}) | {first.get('relearn_steps', 0)} ({first.get('relearn_s', 0):.0f}) "
+            f"| {first['gate_steps']} ({first['gate_stop']}) "
             f"| {ranking['search']['stage2']['wall_s']:.0f} | {where['switch_s']:.0f} "
             f"| {where['first_s_per_step']:.2f} ({where['cached_s_per_step']:.2f}) "
             f"| {first['wall_s']:.0f}{cpu(first)} | {cached['wall_s']:.0f}{cpu(cached)} "
