@@ -35,10 +35,10 @@ import torch
 
 from axolotl_ila.certainty import certainty, certainty_warnings
 from axolotl_ila.cli import relearn_line, top_bottom_table
+from axolotl_ila.engines import relearn_steps
 from axolotl_ila.gates import OrderSettle, curve, run_gates
 from axolotl_ila.handoff import WarmState
 from axolotl_ila.plan import ModelInfo
-from axolotl_ila.engines import relearn_steps
 from axolotl_ila.preference import loss_identity, method
 from axolotl_ila.ranking import Ranking
 from axolotl_ila.relearn import demote, lora_restored, open_share
