@@ -6,9 +6,10 @@ full fine-tuning with a cached ranking and with the search, and LoRA and QLoRA
 continue the training from the warm-up (``zero_handoff``). What no test here
 has run is refused at config load, before any work: FSDP1, other ZeRO stages,
 and under DeepSpeed 8-bit models (``load_in_8bit``), a preference loss
-(``rl:``), ``ila_gate_train_lora`` and ``ila_relearn_steps`` above 0 (the search
-runs without the re-learning check there by default); the continuation also with a DeepSpeed
-config's own optimizer or scheduler, or ``lora_modules_to_save``.
+(``rl:``), ``ila_gate_train_lora`` and ``ila_relearn_steps`` above 0 (the
+search runs without the re-learning check there by default); the continuation
+also with a DeepSpeed config's own optimizer or scheduler, or
+``lora_modules_to_save``.
 
 The functions read a raw config dict (before validation) or axolotl's
 validated config alike.
@@ -22,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 SHARDED = "SHARDED_STATE_DICT"
-DEFAULT_RELEARN_STEPS = 32  # ila_relearn_steps where DeepSpeed does not rule it out
 FULL = "FULL_STATE_DICT"
+DEFAULT_RELEARN_STEPS = 32  # ila_relearn_steps where DeepSpeed does not rule it out
 
 
 def _fsdp_block(cfg: Any) -> Mapping | None:

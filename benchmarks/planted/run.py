@@ -110,7 +110,7 @@ STRATEGIES: dict[str, Strategy] = {
     "ila": Strategy("default", "score", {}, "every ila_ key at its default (warm-up 0.75 of the run, re-learning check of 32 steps, gates from 64 steps on)"),
     "ila_gates_only": Strategy("gates_only", "score", GATES_ONLY, "ila without the re-learning check (ila_relearn_steps: 0)"),
     "update_norm": Strategy("gates_only", "update_norm", GATES_ONLY, "the default warm-up's update norms (ALLO-style)"),
-    "ila_w50": Strategy("w50", "score", W50, "ila with the warm-up at 0.5 of the run (the paper's long end)"),
+    "ila_w50": Strategy("w50", "score", W50, "ila_gates_only with the warm-up at 0.5 of the run (the paper's long end)"),
     "update_norm_w50": Strategy("w50", "update_norm", W50, "the ila_w50 search's warm-up update norms"),
     # The gates compete for as much openness as keep-k keeps.
     "ila_keepk": Strategy("keepk", "score", {**W50, "ila_gate_budget": "k/n"}, "ila_w50 with ila_gate_budget: k/n"),

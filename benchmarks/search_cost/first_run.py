@@ -15,7 +15,7 @@ in WORKDIR/results.json and skipped on a rerun), on SmolLM2 with LoRA, drop 25%:
    losses differ only by continuing (with the dropped modules' warm-up discarded)
    versus starting afresh.
 3. ``paper``: ``axolotl-ila search`` at the paper's length (the warm-up run to a
-   quarter of ``--steps``, 128 gate steps), for the Jaccard of its top-75% set
+   quarter of ``--steps``, 128 gate steps, no re-learning check), for the Jaccard of its top-75% set
    with the first run's ranking.
 
 Both training runs are timed as whole ``axolotl train`` processes, after one
@@ -169,7 +169,6 @@ def main(argv=None) -> int:
     # The fraction the first run uses, the plugin's default resolved: a workdir
     # made before a default changed is not mistaken for one made after.
     from axolotl_ila.args import ILAArgs
-
     from axolotl_ila.engines import DEFAULT_RELEARN_STEPS
 
     fraction = args.warmup_fraction if args.warmup_fraction is not None else ILAArgs.model_fields["ila_warmup_fraction"].default
