@@ -267,8 +267,7 @@ def _relearn_check(cfg: Any, trainer: Any, layers: dict[str, Any]) -> tuple[dict
     steps = relearn_steps(cfg)
     if steps == 0:
         why = "ila_relearn_steps: 0" if cfg.ila_relearn_steps == 0 else "off by default under DeepSpeed"
-        LOG.info("ILA re-learning check: not run (%s)", why)
-        return None, {"steps": 0, "why_not": why}
+        return None, {"steps": 0, "why_not": why}  # logged with the ranking (relearn_line)
     started = time.perf_counter()
     with lora_restored(layers):
         scores, record = run_gates(
