@@ -11,10 +11,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from axolotl_ila.hub import is_hub_path, parse_hub_path
-from axolotl_ila.engines import continuation_refusal, engine_refusal
 from axolotl_ila.preference import unsupported_message
-from axolotl_ila.selection import RANKED_STRATEGIES, STRATEGIES
+from axolotl_ila.ranking.hub import is_hub_path, parse_hub_path
+from axolotl_ila.runtime.engines import continuation_refusal, engine_refusal
+from axolotl_ila.selection import FUSED_GROUPS, RANKED_STRATEGIES, STRATEGIES
 
 SUPPORTED_ADAPTERS = (None, "lora", "qlora")
 
@@ -337,3 +337,16 @@ def _is_spectrum(plugin: Any) -> bool:
     Refused with LoRA too: there its patterns match no PEFT name and nothing trains.
     """
     return isinstance(plugin, str) and plugin.rsplit(".", 1)[-1] == "SpectrumPlugin"
+
+
+def fused_groups(cfg: Any) -> tuple[str, ...]:
+    """The fused groups kept or dropped whole: all of them with ``ila_fused_groups: true``."""
+    return tuple(FUSED_GROUPS) if cfg.ila_fused_groups else ()
+
+
+def selection_kwargs(cfg: Any) -> dict[str, Any]:
+    return {
+        "drop_fraction": cfg.ila_drop_fraction,
+        "keep_fraction": cfg.ila_keep_fraction,
+        "groups": fused_groups(cfg),
+    }

@@ -7,11 +7,12 @@ model's meta-device skeleton before any weights or data are loaded.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from axolotl_ila.architecture import ModelUnit, model_units
+from axolotl_ila.architecture import ModelUnit, fingerprint, model_units
 from axolotl_ila.selection import SelectionError
 
 
@@ -174,3 +175,35 @@ def nothing_targeted_message(model: torch.nn.Module, cfg: Any) -> str:
         f"This model's linear modules are named {', '.join(leaves) or '(none)'}; list those you want in "
         f"lora_target_modules."
     )
+
+
+@dataclass
+class ModelInfo:
+    """What the plan needs to know about the model, read off its skeleton."""
+
+    fingerprint: str
+    candidates: list[str]  # model order
+    model_section: dict[str, Any]  # the ranking file's "model" section
+    expert_candidates: tuple[str, ...] = ()  # the candidates that are expert parameters
+
+
+def describe_model(cfg: Any) -> ModelInfo:
+    skeleton = skeleton_model(cfg)
+    units = model_units(skeleton)
+    targeted = target_candidates(skeleton, cfg)
+    if not targeted:
+        raise SelectionError(nothing_targeted_message(skeleton, cfg))
+    candidates = [m.name for m in targeted]
+    config = skeleton.config
+    section = {
+        "base_model": cfg.base_model,
+        "model_type": getattr(config, "model_type", None),
+        "architectures": getattr(config, "architectures", None),
+        "num_hidden_layers": getattr(config, "num_hidden_layers", None),
+        "hidden_size": getattr(config, "hidden_size", None),
+        "num_linear_modules": sum(1 for m in units if m.experts is None),
+        "num_expert_parameters": sum(1 for m in units if m.experts is not None),
+        "fingerprint": fingerprint(units),
+    }
+    experts = tuple(m.name for m in targeted if m.experts is not None)
+    return ModelInfo(section["fingerprint"], candidates, section, expert_candidates=experts)

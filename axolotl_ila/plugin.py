@@ -40,14 +40,16 @@ from axolotl_ila.application import (
 )
 from axolotl_ila.architecture import fingerprint, model_units
 from axolotl_ila.args import output_dir
-from axolotl_ila.candidates import keep_users_own, user_excludes
-from axolotl_ila.distributed import is_main_process, on_main
-from axolotl_ila.handoff import align_with_training, handoff_check_callback, handoff_checkpoints, remove_after_training
-from axolotl_ila.plan import ModelInfo, Plan, kernel_warnings, model_card_note, resolve_plan, write_record
+from axolotl_ila.candidates import ModelInfo, keep_users_own, user_excludes
+from axolotl_ila.handoff.lifecycle import align_with_training, handoff_checkpoints, remove_after_training
+from axolotl_ila.handoff.verify import handoff_check_callback
+from axolotl_ila.handoff.zero import install_resume, is_deepspeed_trainer
+from axolotl_ila.outputs import model_card_note, write_record
+from axolotl_ila.plan import Plan, kernel_warnings, resolve_plan
 from axolotl_ila.preference import method, verify_reference
-from axolotl_ila.search_config import IN_SEARCH_KEY
+from axolotl_ila.runtime.distributed import is_main_process, on_main
+from axolotl_ila.search.settings import IN_SEARCH_KEY
 from axolotl_ila.selection import RANKED_STRATEGIES
-from axolotl_ila.zero_handoff import install_resume, is_deepspeed_trainer
 
 LOG = logging.getLogger("axolotl.ila")
 
@@ -76,9 +78,9 @@ class ILAPlugin(BasePlugin):
     # -- deciding ----------------------------------------------------------------
 
     def _search(self, cfg: Any, info: ModelInfo, keep_warm_state: bool):
-        from axolotl_ila.search import search_ranking
-        from axolotl_ila.search_config import check_search_config
-        from axolotl_ila.search_data import check_dataset_files, check_search_data
+        from axolotl_ila.search.data import check_dataset_files, check_search_data
+        from axolotl_ila.search.run import search_ranking
+        from axolotl_ila.search.settings import check_search_config
 
         check_search_config(cfg)
         if self._datasets is None:

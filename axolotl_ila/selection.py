@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from axolotl_ila.architecture import block_index, depth_order, module_kind, num_blocks
-from axolotl_ila.ranking import Ranking, RankingError
+from axolotl_ila.ranking.file import Ranking, RankingError
 
 RANKED_STRATEGIES = {"ila": "score", "update_norm": "update_norm"}
 UNRANKED_STRATEGIES = ("random", "first", "last", "mid_block")

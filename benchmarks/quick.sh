@@ -12,8 +12,8 @@ export AXOLOTL_DO_NOT_TRACK=1 HF_HUB_OFFLINE=1
 
 python - "$OUT" <<'PY'
 import sys, yaml
-from axolotl_ila.quickstart import quickstart_config
-from axolotl_ila.tiny import build_workspace
+from axolotl_ila.cli.quickstart import quickstart_config
+from axolotl_ila.cli.workspace import build_workspace
 out = sys.argv[1]
 build_workspace(f"{out}/tiny", "llama", rows=512)
 cfg = quickstart_config(f"{out}/tiny")

@@ -153,7 +153,7 @@ def _no_shm_comm_op() -> None:
 def _config_uses_deepspeed(config: str) -> bool:
     import yaml
 
-    from axolotl_ila.engines import engine
+    from axolotl_ila.runtime.engines import engine
 
     return engine(yaml.safe_load(Path(config).read_text(encoding="utf-8"))) == "deepspeed"
 
@@ -174,9 +174,9 @@ def _load_indexed_cpu_locations() -> None:
 
 
 def _count_ranking_writes() -> None:
-    import axolotl_ila.plan
+    import axolotl_ila.outputs
 
-    original = axolotl_ila.plan.save_ranking
+    original = axolotl_ila.outputs.save_ranking
 
     def save_ranking(*args, **kwargs):
         REPORT["save_ranking_calls"] += 1
@@ -184,7 +184,7 @@ def _count_ranking_writes() -> None:
             raise OSError("injected by the test: disk full on the writer")
         return original(*args, **kwargs)
 
-    axolotl_ila.plan.save_ranking = save_ranking
+    axolotl_ila.outputs.save_ranking = save_ranking
 
 
 def _kill_after_save(step: int):
@@ -220,9 +220,9 @@ def _describe(error: str | None) -> dict[str, Any]:
     from axolotl.integrations.base import PluginManager
 
     from axolotl_ila.application import adapted_modules
-    from axolotl_ila.distributed import is_zero3_partitioned
     from axolotl_ila.plugin import ILAPlugin
-    from axolotl_ila.ranking import file_digest
+    from axolotl_ila.ranking.file import file_digest
+    from axolotl_ila.runtime.distributed import is_zero3_partitioned
 
     out: dict[str, Any] = {"rank": _rank(), "error": error, "save_ranking_calls": REPORT["save_ranking_calls"]}
     plugin = next((p for p in PluginManager.get_instance().plugins.values() if isinstance(p, ILAPlugin)), None)

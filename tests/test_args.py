@@ -7,65 +7,8 @@ messages tested here are the ones users see; a refused config writes nothing.
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
-
-from conftest import make_config, write_config
-
-
-@pytest.fixture(scope="module")
-def load_cfg():
-    from axolotl.cli.config import load_cfg
-
-    return load_cfg
-
-
-@pytest.fixture(autouse=True)
-def restore_environment():
-    """load_cfg exports settings (ACCELERATE_MIXED_PRECISION, ...); keep them out of later tests."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-
-
-def files_under(root: Path) -> set[Path]:
-    return set(root.rglob("*"))
-
-
-@pytest.fixture
-def load(tiny_llama, tmp_path, load_cfg):
-    """Write a config with these overrides to a YAML file and load it as axolotl does."""
-
-    def _load(adapter: str | None = "lora", **overrides):
-        cfg = make_config(tiny_llama, tmp_path, adapter=adapter, ila_ranking=str(tmp_path / "rankings" / "tiny.json"))
-        cfg.update(overrides)
-        cfg = {k: v for k, v in cfg.items() if v is not None}
-        path = write_config(cfg, tmp_path / "config.yml")
-        return load_cfg(str(path))
-
-    return _load
-
-
-@pytest.fixture
-def refused(load, tmp_path):
-    """Load a config that must be refused: return the error text, check nothing was written."""
-
-    def _refused(match: str, adapter: str | None = "lora", **overrides) -> str:
-        before = files_under(tmp_path)
-        with pytest.raises(ValidationError, match=match) as info:
-            load(adapter=adapter, **overrides)
-        after = files_under(tmp_path)
-        assert after == before | {tmp_path / "config.yml"}, f"a refused config wrote {after - before}"
-        assert not (tmp_path / "rankings").exists()
-        assert not (tmp_path / "run").exists()
-        return str(info.value)
-
-    return _refused
-
 
 # -- accepted --------------------------------------------------------------------
 
@@ -168,7 +111,7 @@ def test_continuing_under_fsdp2_with_a_full_state_dict_is_refused(refused):
 
 
 def test_fsdp2_continues_by_default_only_with_a_sharded_state_dict(load):
-    from axolotl_ila.search_config import continues_training
+    from axolotl_ila.search.settings import continues_training
 
     def fsdp2(**block):
         return {"fsdp_version": 2, "fsdp_config": {"transformer_layer_cls_to_wrap": "LlamaDecoderLayer", **block}}
@@ -235,7 +178,7 @@ def test_deepspeed_continuation_is_refused_where_its_handover_is_not_built(overr
 
 
 def test_deepspeed_stage_is_read_from_the_json_file(tmp_path):
-    from axolotl_ila.engines import deepspeed_stage, engine_refusal
+    from axolotl_ila.runtime.engines import deepspeed_stage, engine_refusal
 
     path = tmp_path / "zero3.json"
     path.write_text(json.dumps(ZERO3), encoding="utf-8")
@@ -266,7 +209,7 @@ def test_what_deepspeed_has_not_run_is_refused_with_its_reason(overrides, messag
 
 def test_the_relearning_check_runs_32_steps_by_default_and_none_under_deepspeed():
     from axolotl_ila.args import check_combination
-    from axolotl_ila.engines import relearn_steps
+    from axolotl_ila.runtime.engines import relearn_steps
 
     assert relearn_steps({}) == 32 and relearn_steps({"fsdp_config": {"fsdp_version": 2}}) == 32
     assert relearn_steps({"ila_relearn_steps": 8}) == 8 and relearn_steps({"ila_relearn_steps": 0}) == 0
@@ -275,7 +218,7 @@ def test_the_relearning_check_runs_32_steps_by_default_and_none_under_deepspeed(
 
 
 def test_engine_of_a_raw_or_validated_config():
-    from axolotl_ila.engines import engine, fsdp_state_dict_type
+    from axolotl_ila.runtime.engines import engine, fsdp_state_dict_type
 
     assert engine({}) is None
     assert engine({"fsdp_config": {"fsdp_version": 2}}) == "fsdp2"
@@ -300,7 +243,7 @@ def test_engine_of_a_raw_or_validated_config():
     ],
 )
 def test_fused_groups_only_when_asked(load, adapter, overrides, groups):
-    from axolotl_ila.plan import fused_groups
+    from axolotl_ila.args import fused_groups
 
     assert fused_groups(load(adapter=adapter, **overrides)) == groups
 

@@ -19,15 +19,18 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import TEST_ENV, adapter_modules, make_config, read_json, run_train, write_config
 
-from axolotl_ila.cli import main
-from axolotl_ila.plan import RECORD_NAME, ModelInfo, describe_model, resolve_plan, write_record
-from axolotl_ila.ranking import Ranking, load_ranking, save_ranking
-from axolotl_ila.search import SearchResult
+from axolotl_ila.atomic import write_jsonl
+from axolotl_ila.candidates import ModelInfo, describe_model
+from axolotl_ila.cli.commands import main
+from axolotl_ila.cli.workspace import make_alpaca_rows
+from axolotl_ila.outputs import write_record
+from axolotl_ila.plan import resolve_plan
+from axolotl_ila.ranking.file import Ranking, load_ranking, save_ranking
+from axolotl_ila.record import RECORD_NAME
+from axolotl_ila.search.run import SearchResult
 from axolotl_ila.selection import SelectionError
-from axolotl_ila.tiny import make_alpaca_rows, write_jsonl
-from conftest import TEST_ENV, adapter_modules, make_config, read_json, run_train, write_config
-from test_args import load, load_cfg, refused, restore_environment  # noqa: F401  (fixtures)
 
 SPECTRUM = "axolotl.integrations.spectrum.SpectrumPlugin"
 

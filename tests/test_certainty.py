@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 
-from axolotl_ila.certainty import certainty, certainty_warnings, stage_certainty
-from axolotl_ila.cli import main
-from axolotl_ila.ranking import Ranking, save_ranking
+from axolotl_ila.cli.commands import main
+from axolotl_ila.ranking.file import Ranking, save_ranking
+from axolotl_ila.search.certainty import certainty, certainty_warnings, stage_certainty
 
 
 def stage(stop: str, rho: float | None, jaccard: float | None, steps: int = 50, cap: int = 50) -> dict:
@@ -65,7 +65,6 @@ def test_show_says_settled(tmp_path, capsys):
     assert "certainty settled" in out and "NOT SETTLED" not in out
 
 
-
 class _Trainer:
     """What run_gates reads from a trainer: the model, a dataloader, compute_loss."""
 
@@ -89,8 +88,8 @@ def _tiny_lora_trainer(tmp_path):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from axolotl_ila.tiny import build_model
-    from axolotl_ila.warmup import lora_modules
+    from axolotl_ila.search.warmup import lora_modules
+    from benchmarks.common.tiny_models import build_model
 
     base = build_model(tmp_path / "m", "llama", layers=1, hidden=16, vocab_size=64, initializer_range=0.2)
     model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", init_lora_weights=False))
@@ -103,7 +102,7 @@ def _tiny_lora_trainer(tmp_path):
 def test_gates_with_lora_learning_change_the_lora_weights_and_frozen_gates_do_not(tmp_path):
     import torch
 
-    from axolotl_ila.gates import run_gates
+    from axolotl_ila.search.gates import run_gates
 
     for lora_lr in (None, 1e-2):
         trainer, layers = _tiny_lora_trainer(tmp_path / str(lora_lr))

@@ -8,13 +8,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import adapter_modules, make_config, read_json, run_python, write_config
 
-from axolotl_ila.analysis import combine, jaccard, mean_ranks, top_set
-from axolotl_ila.cli import main
-from axolotl_ila.plots import DPI, figure_size
-from axolotl_ila.quickstart import render_config
-from axolotl_ila.ranking import Ranking, load_ranking, save_ranking
-from conftest import adapter_modules, make_config, read_json, run_python, write_config
+from axolotl_ila.cli.commands import main
+from axolotl_ila.cli.quickstart import render_config
+from axolotl_ila.ranking.analysis import combine, jaccard, mean_ranks, top_set
+from axolotl_ila.ranking.file import Ranking, load_ranking, save_ranking
+from axolotl_ila.ranking.heatmap import DPI, figure_size
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,9 +17,9 @@ import time
 
 import pytest
 import torch
+from helpers import TEST_ENV, adapter_modules, load_tensors, make_config, read_json, run_train, write_config
 
-from axolotl_ila.ranking import load_ranking
-from conftest import TEST_ENV, adapter_modules, load_tensors, make_config, read_json, run_train, write_config
+from axolotl_ila.ranking.file import load_ranking
 
 pytestmark = pytest.mark.e2e
 

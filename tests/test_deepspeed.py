@@ -20,22 +20,27 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from axolotl_ila.handoff import lora_module_of
-from axolotl_ila.ranking import load_ranking
-from conftest import adapter_modules, load_tensors, make_config, read_json, run_train, write_config
-from test_multiproc import (
+from helpers import (
     FULL_FT,
     MULTIPROC_SETTINGS,
     WORLD_SIZE,
+    adapter_modules,
     check,
     check_full_finetuning,
     check_resumed_from_the_ranking,
     kept_and_dropped,
     killed_then_resumed,
+    load_tensors,
     log_lines,
+    make_config,
     mentions,
+    read_json,
+    run_train,
+    write_config,
 )
+
+from axolotl_ila.handoff.state import lora_module_of
+from axolotl_ila.ranking.file import load_ranking
 
 pytestmark = [pytest.mark.e2e, pytest.mark.multiproc]
 

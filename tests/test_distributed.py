@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from axolotl_ila import distributed
-from axolotl_ila.ranking import ModuleScore, Ranking, file_digest, load_ranking, save_ranking
+from axolotl_ila.ranking.file import ModuleScore, Ranking, file_digest, load_ranking, save_ranking
+from axolotl_ila.runtime import distributed
 
 WORLD_SIZE = 2
 TIMEOUT_S = 120

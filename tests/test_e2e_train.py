@@ -7,10 +7,10 @@ saved adapter weights, which base weights changed, what was recorded.
 from __future__ import annotations
 
 import pytest
+from helpers import adapter_modules, load_tensors, make_config, read_json, run_train, write_config
 
-from axolotl_ila.ranking import load_ranking
+from axolotl_ila.ranking.file import load_ranking
 from axolotl_ila.selection import importance_order, select
-from conftest import adapter_modules, load_tensors, make_config, read_json, run_train, write_config
 
 pytestmark = pytest.mark.e2e
 

@@ -174,7 +174,8 @@ def test_validation_here_does_check_the_ila_keys(tmp_path):
 def test_gpu_lora_configs_warn_when_the_selection_splits_fused_groups(path):
     """axolotl turns its fused LoRA kernels on for these configs; a selection that
     splits q/k/v or gate/up/down gets a warning naming the kernel and the fix."""
-    from axolotl_ila.plan import fused_groups, kernel_warnings
+    from axolotl_ila.args import fused_groups
+    from axolotl_ila.plan import kernel_warnings
     from axolotl_ila.selection import importance_order, select
 
     cfg = validate(path, GPU_CAPABILITIES)

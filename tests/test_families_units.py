@@ -15,11 +15,11 @@ from transformers import AutoModelForCausalLM, GPT2Config, Qwen3MoeConfig
 from axolotl_ila.application import lora_layers
 from axolotl_ila.architecture import fingerprint, linear_modules, model_units
 from axolotl_ila.candidates import skeleton_model, target_candidates
-from axolotl_ila.cli import main
-from axolotl_ila.lora_update import install_gate, update_norm
+from axolotl_ila.cli.commands import main
 from axolotl_ila.plan import kernel_warnings
-from axolotl_ila.plots import figure_size, layout
-from axolotl_ila.ranking import Ranking, save_ranking
+from axolotl_ila.ranking.file import Ranking, save_ranking
+from axolotl_ila.ranking.heatmap import figure_size, layout
+from axolotl_ila.search.lora_update import install_gate, update_norm
 from axolotl_ila.selection import SelectionError, present_groups, select
 
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]

@@ -6,10 +6,10 @@ search ranks exactly what PEFT adapts, and training adapts exactly the kept set.
 from __future__ import annotations
 
 import pytest
+from helpers import adapter_modules, make_config, read_json, run_train, write_config
 
-from axolotl_ila.ranking import load_ranking
-from axolotl_ila.tiny import build_workspace
-from conftest import adapter_modules, make_config, read_json, run_train, write_config
+from axolotl_ila.ranking.file import load_ranking
+from benchmarks.common.tiny_models import build_workspace
 
 pytestmark = pytest.mark.e2e
 

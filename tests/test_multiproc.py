@@ -12,159 +12,33 @@ killed and fails the test, so a hang cannot pass.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-from dataclasses import dataclass
-from pathlib import Path
-
 import pytest
 import torch
+from helpers import (
+    FSDP2,
+    FULL_FT,
+    MULTIPROC_SETTINGS,
+    WORLD_SIZE,
+    adapter_modules,
+    check,
+    check_full_finetuning,
+    check_resumed_from_the_ranking,
+    check_sharded,
+    kept_and_dropped,
+    killed_then_resumed,
+    launch,
+    load_tensors,
+    log_lines,
+    make_config,
+    mentions,
+    read_json,
+    run_train,
+    write_config,
+)
 
-from axolotl_ila.ranking import file_digest, load_ranking
-from conftest import TEST_ENV, adapter_modules, load_tensors, make_config, read_json, run_train, write_config, zygote_for
+from axolotl_ila.ranking.file import file_digest, load_ranking
 
 pytestmark = [pytest.mark.e2e, pytest.mark.multiproc]
-
-HARNESS = Path(__file__).with_name("multiproc_train.py")
-WORLD_SIZE = 2
-LAUNCH_TIMEOUT_S = 300
-# What a two-rank run needs on a 2-core machine: one thread per process, one
-# dataset worker, and a short search.
-MULTIPROC_SETTINGS = {"dataset_processes": 1, "ila_gate_steps": 8, "ila_warmup_max_steps": 6, "max_steps": 10}
-
-
-@dataclass
-class Launch:
-    returncode: int
-    logs: str
-    reports: dict[int, dict]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid``, from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                # The parent's pid is the second field after the name, which is in parentheses.
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(parent, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def rank_environments(env: dict[str, str], port: str) -> list[dict[str, str]]:
-    """Each rank's environment, as torchrun gives it to the processes it starts
-    on one machine (what torch.distributed's ``env://`` and accelerate read)."""
-    return [{**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0", "ROLE_RANK": str(rank),
-             "WORLD_SIZE": str(WORLD_SIZE), "LOCAL_WORLD_SIZE": str(WORLD_SIZE), "ROLE_WORLD_SIZE": str(WORLD_SIZE),
-             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port} for rank in range(WORLD_SIZE)]
-
-
-def launch(config: Path, launcher: str = "zygote", monitor_s: int = 2, **env_extra: str) -> Launch:
-    """Start two ranks on ``config``; wait at most LAUNCH_TIMEOUT_S.
-
-    ``launcher``: "zygote" forks both ranks from a process that has axolotl's
-    training stack imported (conftest.Zygote), with the environment torchrun
-    would give them; "torchrun" and "accelerate" start them through those
-    launchers, as users do (two fresh interpreters each, about 15 s of imports
-    apiece on this machine)."""
-    reports = config.parent / f"reports-{config.stem}"
-    shutil.rmtree(reports, ignore_errors=True)
-    port = str(_free_port())
-    env = {
-        **os.environ,
-        **TEST_ENV,
-        # Makes the HF trainer run the CPU ranks as one distributed (DDP) run, as
-        # `accelerate launch --cpu` would; without it each rank trains alone.
-        "ACCELERATE_USE_CPU": "true",
-        "OMP_NUM_THREADS": "1",
-        "ILA_TEST_REPORT_DIR": str(reports),
-        **env_extra,
-    }
-    if launcher == "zygote":
-        envs = rank_environments(env, port)
-        try:
-            ranks = zygote_for(env).run([str(HARNESS), str(config)], config.parent, envs, LAUNCH_TIMEOUT_S, monitor_s)
-        except subprocess.TimeoutExpired as timeout:
-            pytest.fail(f"the two ranks did not finish within {LAUNCH_TIMEOUT_S} s (a rank hangs):\n"
-                        f"{timeout.output[-3000:]}\n{timeout.stderr[-3000:]}")
-        returncode = next((rank.returncode for rank in ranks if rank.returncode != 0), 0)
-        logs = "\n".join(rank.stdout + rank.stderr for rank in ranks)
-    else:
-        returncode, logs = launch_through(launcher, config, env, port, monitor_s)
-    found = {int(p.stem.split("-")[1]): json.loads(p.read_text()) for p in reports.glob("rank-*.json")}
-    return Launch(returncode, logs, found)
-
-
-def launch_through(launcher: str, config: Path, env: dict[str, str], port: str, monitor_s: int) -> tuple[int, str]:
-    """``torchrun`` or ``accelerate launch`` of the harness: the exit code and the merged output."""
-    if launcher == "torchrun":
-        # A rank that fails is reported within monitor_s; the other rank has
-        # that long to reach (and report) its own error before it is stopped.
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD_SIZE}",
-                   "--master_addr=127.0.0.1", f"--master_port={port}", f"--monitor_interval={monitor_s}"]
-    elif launcher == "accelerate":
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={WORLD_SIZE}",
-                   "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={port}"]
-    else:
-        raise ValueError(f"unknown launcher {launcher!r}")
-    process = subprocess.Popen(
-        [*command, str(HARNESS), str(config)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=config.parent,
-        start_new_session=True,  # the ranks are in its process group: one kill ends them all
-    )
-    try:
-        logs, _ = process.communicate(timeout=LAUNCH_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        # The launcher may start its ranks in sessions of their own, where a
-        # kill of its process group does not reach them; they would hold the
-        # output pipe open. Every descendant is killed.
-        for pid in [process.pid, *descendants(process.pid)]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        logs, _ = process.communicate()
-        pytest.fail(f"the two ranks did not finish within {LAUNCH_TIMEOUT_S} s (a rank hangs):\n{logs[-6000:]}")
-    return process.returncode, logs
-
-
-def check(run: Launch, wrapped: str = "DistributedDataParallel") -> Launch:
-    if run.returncode != 0:
-        raise AssertionError(f"the two-rank run failed ({run.returncode}):\n{run.logs[-8000:]}")
-    assert sorted(run.reports) == [0, 1], run.logs[-4000:]
-    for report in run.reports.values():
-        # Really one data-parallel run, not two processes training alone.
-        assert report["parallel_mode"] == "ParallelMode.DISTRIBUTED" and report["world_size"] == WORLD_SIZE
-        assert report["wrapped"] == wrapped
-    return run
-
-
-def log_lines(logs: str, text: str) -> list[str]:
-    return [line for line in logs.splitlines() if text in line]
-
-
-def mentions(logs: str, text: str) -> int:
-    """How often the ranks logged ``text`` (two ranks' lines can share one line of the merged output)."""
-    return logs.count(text)
 
 
 @pytest.fixture(scope="module")
@@ -251,52 +125,6 @@ def test_two_process_gate_scores_equal_a_one_process_search_of_the_same_global_b
         assert score == pytest.approx(one.search["relearn"]["scores"][name], abs=1e-4), name
 
 
-def killed_then_resumed(config: Path, kill_after: int, launcher: str = "zygote", **env: str) -> tuple[Launch, Launch]:
-    """Launch a run that searches; every rank dies (SIGKILL) once checkpoint
-    ``kill_after`` is saved; launch it again. The second launch finds the ranking
-    the first wrote and takes its selection from that file without searching
-    (a cached ranking), checked against the recorded one, and resumes."""
-    killed = launch(config, launcher=launcher, ILA_TEST_KILL_AFTER_SAVE=str(kill_after), **env)
-    assert killed.returncode != 0 and not killed.reports, killed.logs[-4000:]
-    assert mentions(killed.logs, "ILA search: warm-up") == WORLD_SIZE
-    wrote = log_lines(killed.logs, "ILA: wrote ranking")
-    assert len(wrote) == 1 and "[RANK:" not in wrote[0], wrote
-    resumed = launch(config, launcher=launcher, **env)
-    if resumed.returncode == 0:
-        assert not log_lines(resumed.logs, "ILA search: warm-up")
-        assert mentions(resumed.logs, "ILA: resuming with the selection recorded in") == WORLD_SIZE
-    return killed, resumed
-
-
-def check_resumed_from_the_ranking(run: Launch, ranking: Path, steps: int) -> None:
-    digest = file_digest(ranking)
-    for rank in (0, 1):
-        assert run.reports[rank]["ranking_digest"] == digest
-        assert run.reports[rank]["global_step"] == steps
-
-
-def check_full_finetuning(run: Launch, ranking: Path, workspace: dict, run_dir: Path) -> None:
-    """Exactly the dropped linear weights are frozen on every rank, and unchanged in the saved model."""
-    names = load_ranking(ranking).names
-    dropped, kept = names[21:], names[:21]
-    for rank in (0, 1):
-        trainable = set(run.reports[rank]["trainable"])
-        assert not any(f"{name}.weight" in trainable for name in dropped)
-        assert all(f"{name}.weight" in trainable for name in kept)
-    base = load_tensors(workspace["model"] / "model.safetensors")
-    tuned = load_tensors(run_dir / "model.safetensors")
-    for name in dropped:
-        assert (tuned[f"{name}.weight"] == base[f"{name}.weight"]).all(), f"{name} changed but was dropped"
-    for name in kept:
-        assert not (tuned[f"{name}.weight"] == base[f"{name}.weight"]).all(), f"{name} did not train"
-    assert not (tuned["model.embed_tokens.weight"] == base["model.embed_tokens.weight"]).all()
-
-
-# Full fine-tuning: the search (LoRA warm-up and gates), then a fresh full training.
-FULL_FT = {"dataset_processes": 1, "ila_gate_steps": 4, "ila_warmup_max_steps": 4, "max_steps": 4, "learning_rate": 0.01,
-           "save_strategy": "steps", "save_steps": 2, "auto_resume_from_checkpoints": True}
-
-
 def test_full_finetuning_under_ddp_searches_and_freezes_exactly_the_dropped_weights(tiny_llama, tmp_path):
     """Started by `accelerate launch --multi_gpu` (as users do), not torchrun."""
     ranking = tmp_path / "ranking.json"
@@ -376,31 +204,6 @@ def test_a_failed_write_on_the_main_process_stops_every_rank(tiny_llama, tmp_pat
 
 
 # -- FSDP2: the same runs, sharded ----------------------------------------------------
-
-# FSDP2 as users configure it; SHARDED_STATE_DICT is what lets the training resume
-# (and continue from the warm-up) on every rank (engines.continuation_refusal).
-FSDP2 = {
-    "fsdp_version": 2,
-    "fsdp_config": {
-        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-        "transformer_layer_cls_to_wrap": "LlamaDecoderLayer",
-        "reshard_after_forward": True,
-        "state_dict_type": "SHARDED_STATE_DICT",
-    },
-}
-
-
-def check_sharded(run: Launch, wrapped: str = "FSDPPeftModelForCausalLM") -> Launch:
-    """FSDP2 wrapped the model, and every trainable weight is a DTensor (a shard per rank)."""
-    check(run, wrapped=wrapped)
-    for report in run.reports.values():
-        assert report["trainable"] and report["sharded_trainable"] == report["trainable"]
-    return run
-
-
-def kept_and_dropped(ranking_path: Path) -> tuple[set[str], list[str]]:
-    names = load_ranking(ranking_path).names
-    return set(names[:21]), names[21:]  # drop 25% of 28
 
 
 @pytest.fixture(scope="module")

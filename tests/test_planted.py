@@ -1,6 +1,6 @@
 """What the search's ranking buys on planted tasks, asserted as keep-k regret.
 
-A planted task (``axolotl_ila.planted``) is a tiny base model whose teacher
+A planted task (``benchmarks/planted/tasks.py``) is a tiny base model whose teacher
 adds low-rank deltas to a few modules; the data are the teacher's samples.
 Its truth is measured: the held-out loss of LoRA on the planted modules,
 trained for the task's planned steps. The search runs on the base exactly as
@@ -32,10 +32,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_python
 
-from axolotl_ila.planted import PlantedTask, build_task, load_json, random_task, search_config, train_lora, write_config
 from benchmarks.planted.run import task_for
-from conftest import run_python
+from benchmarks.planted.tasks import PlantedTask, build_task, load_json, random_task, search_config, train_lora, write_config
 
 # Suite seed -> the largest keep-k regret accepted: measured + 0.03.
 CI_TASKS: dict[int, float] = {
@@ -108,8 +108,8 @@ def test_random_tasks_cover_the_families_and_run_lengths_and_are_reproducible():
 
 
 def test_plant_changes_exactly_the_planted_weights_by_the_asked_size(tmp_path):
-    from axolotl_ila.planted import candidate_modules, plant
-    from axolotl_ila.tiny import build_model
+    from benchmarks.common.tiny_models import build_model
+    from benchmarks.planted.tasks import candidate_modules, plant
 
     task = random_task(1)  # qwen2: q/k/v biases stay as they are
     base = build_model(tmp_path / "m", task.family, layers=task.layers, hidden=task.hidden, vocab_size=64, initializer_range=task.init_range)

@@ -18,15 +18,23 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import (
+    KTO_TYPE,
+    PAIR_TYPES,
+    adapter_modules,
+    build_preference_data,
+    load_tensors,
+    make_config,
+    read_json,
+    run_train,
+    write_config,
+)
 
 from axolotl_ila.application import ApplicationError
 from axolotl_ila.preference import PREFERENCE_METHODS, loss_identity, unsupported_message, verify_reference
-from axolotl_ila.ranking import Ranking, load_ranking, save_ranking
-from axolotl_ila.search_config import SearchError, check_search_config
+from axolotl_ila.ranking.file import Ranking, load_ranking, save_ranking
+from axolotl_ila.search.settings import SearchError, check_search_config
 from axolotl_ila.selection import Selection
-from axolotl_ila.tiny import KTO_TYPE, PAIR_TYPES, build_preference_data
-from conftest import adapter_modules, load_tensors, make_config, read_json, run_train, write_config
-from test_args import load, load_cfg, refused, restore_environment  # noqa: F401  (fixtures)
 
 
 def preference_config(workspace, data, out: Path, rl: str, adapter: str | None = "lora", **overrides):
@@ -48,7 +56,7 @@ def preference(tiny_llama, tmp_path_factory):
     order (so that the dropped modules are spread over blocks and module types)."""
     from axolotl.cli.config import load_cfg as axolotl_load_cfg
 
-    from axolotl_ila.plan import describe_model
+    from axolotl_ila.candidates import describe_model
 
     root = tmp_path_factory.mktemp("preference")
     data = build_preference_data(root, rows=32)
@@ -236,7 +244,7 @@ def test_grpo_is_refused_at_config_load(refused):
 
 
 def test_show_prints_the_loss_a_ranking_was_searched_with(tmp_path, capsys):
-    from axolotl_ila.cli import main
+    from axolotl_ila.cli.commands import main
 
     model = {"fingerprint": "sha256:" + "d" * 64, "base_model": "tiny"}
     search = {"method": "ila", "loss": {"method": "dpo", "beta": 0.1, "loss_type": ["sigmoid"]}}

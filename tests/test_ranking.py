@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from axolotl_ila import ranking as ranking_mod
-from axolotl_ila.ranking import (
+from axolotl_ila.atomic import write_json_atomic
+from axolotl_ila.ranking import file as ranking_mod
+from axolotl_ila.ranking.file import (
     FORMAT,
     VERSION,
     ModuleScore,
@@ -21,7 +22,6 @@ from axolotl_ila.ranking import (
     load_ranking,
     parse_ranking,
     save_ranking,
-    write_json_atomic,
 )
 
 FP_LLAMA = "sha256:" + "a" * 64

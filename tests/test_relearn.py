@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from axolotl_ila.relearn import demote, lora_restored, open_share
+from axolotl_ila.search.relearn import demote, lora_restored, open_share
 
 
 def test_the_open_share_is_the_top_budget_fraction_by_score_ties_in_module_order():
@@ -33,10 +33,9 @@ def test_nothing_moves_when_the_closed_modules_already_rank_last_or_none_are_clo
 
 def test_lora_weights_are_put_back_after_the_check_trained_them(tmp_path):
     import torch
-
     from test_certainty import _tiny_lora_trainer
 
-    from axolotl_ila.gates import run_gates
+    from axolotl_ila.search.gates import run_gates
 
     trainer, layers = _tiny_lora_trainer(tmp_path)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
@@ -53,7 +52,7 @@ def test_show_says_what_the_check_did_or_why_it_did_not_run(tmp_path, capsys):
 
     from test_certainty import _ranking, stage
 
-    from axolotl_ila.cli import main
+    from axolotl_ila.cli.commands import main
 
     done = {"steps": 32, "stop_reason": "fixed length", "closed": ["model.layers.0.mlp.a", "model.layers.0.mlp.b"], "shift": 1.5}
     for relearn, expected in [

@@ -10,12 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import TEST_ENV, adapter_modules, read_json
 
-from axolotl_ila.tiny import make_alpaca_rows, write_jsonl
+from axolotl_ila.atomic import write_jsonl
+from axolotl_ila.cli.workspace import make_alpaca_rows
 from benchmarks.retention import data as retention_data
 from benchmarks.retention import run as retention
 from benchmarks.retention import stats as retention_stats
-from conftest import TEST_ENV, adapter_modules, read_json
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = [sys.executable, "-m", "benchmarks.retention.run"]  # run from the repository root

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from axolotl_ila.analysis import top_jaccard
-from axolotl_ila.gates import OrderSettle, budget_shift, spearman
+from axolotl_ila.ranking.analysis import top_jaccard
+from axolotl_ila.search.gates import OrderSettle, budget_shift, spearman
 
 
 def test_budget_shift_holds_mean_gate_and_order():
@@ -75,7 +75,7 @@ def test_the_warmup_does_not_stop_while_the_loss_is_clearly_falling():
 
     from transformers import TrainerControl, TrainerState
 
-    from axolotl_ila.warmup import clearly_falling, warmup_callback
+    from axolotl_ila.search.warmup import clearly_falling, warmup_callback
 
     rng = random.Random(0)
     falling = [5.5 - 0.006 * step + rng.gauss(0, 0.03) for step in range(200)]  # 1% per 10 steps

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from axolotl_ila.architecture import block_index, module_kind
-from axolotl_ila.ranking import ModuleScore, Ranking, RankingError
+from axolotl_ila.ranking.file import ModuleScore, Ranking, RankingError
 from axolotl_ila.selection import (
     DEFAULT_DROP_FRACTION,
     FUSED_GROUPS,

@@ -17,12 +17,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import TEST_ENV, adapter_modules, make_config, read_json, run_python, run_train, write_config
 
-from axolotl_ila.cli import main
-from axolotl_ila.hub import ACCEPTED_FORMS, HubPath, HubPathError, parse_hub_path
-from axolotl_ila.ranking import Ranking, RankingError, load_ranking, locate_ranking, save_ranking
-from conftest import TEST_ENV, adapter_modules, make_config, read_json, run_python, run_train, write_config
-from test_args import load, load_cfg, refused, restore_environment  # noqa: F401  (fixtures)
+from axolotl_ila.cli.commands import main
+from axolotl_ila.ranking.file import Ranking, RankingError, load_ranking, locate_ranking
+from axolotl_ila.ranking.hub import ACCEPTED_FORMS, HubPath, HubPathError, parse_hub_path
 
 COMMIT_A = "a" * 40
 COMMIT_B = "b" * 40
@@ -298,9 +297,9 @@ def test_axolotl_help_lists_ila_loading_only_our_light_entry_module():
     )
     assert listing.returncode == 0, listing.stderr
     assert re.search(r"^  ila +Search, show, compare, combine ILA rankings\.$", listing.stdout, re.M)
-    assert json.loads(listing.stdout.strip().splitlines()[-1]) == ["axolotl_ila", "axolotl_ila.axolotl_command"]
+    assert json.loads(listing.stdout.strip().splitlines()[-1]) == ["axolotl_ila", "axolotl_ila.cli", "axolotl_ila.cli.axolotl_group"]
 
-    alone = python("-c", "import sys, axolotl_ila.axolotl_command as c; c.ila.get_short_help_str(); print(sorted(m for m in ('torch', 'axolotl', 'transformers') if m in sys.modules))")
+    alone = python("-c", "import sys, axolotl_ila.cli.axolotl_group as c; c.ila.get_short_help_str(); print(sorted(m for m in ('torch', 'axolotl', 'transformers') if m in sys.modules))")
     assert alone.returncode == 0, alone.stderr
     assert alone.stdout.strip() == "[]"
 

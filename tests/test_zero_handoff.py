@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from axolotl_ila import zero_handoff
+from axolotl_ila.handoff import zero as zero_handoff
 
 
 @pytest.fixture

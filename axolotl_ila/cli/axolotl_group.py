@@ -3,7 +3,7 @@
 axolotl (0.19+) finds the group through the ``axolotl.cli_commands`` entry point
 (``pyproject.toml``) and imports this module to render ``axolotl --help``, so
 it imports click and nothing else of ours: no torch, no axolotl. Each
-subcommand hands its arguments, ``--help`` included, to ``axolotl_ila.cli``,
+subcommand hands its arguments, ``--help`` included, to ``axolotl_ila.cli.commands``,
 whose one table of commands defines the arguments, help, output and exit
 status of both ``axolotl-ila X`` and ``axolotl ila X``.
 """
@@ -19,7 +19,7 @@ _PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True, "allo
 
 def _forwarding_command(name: str, summary: str) -> click.Command:
     def run(args: tuple[str, ...]) -> None:
-        from axolotl_ila.cli import main
+        from axolotl_ila.cli.commands import main
 
         click.get_current_context().exit(main([name, *args], prog=PROG))
 
@@ -35,15 +35,15 @@ def _forwarding_command(name: str, summary: str) -> click.Command:
 
 
 class ILACommands(click.Group):
-    """The subcommands of ``axolotl_ila.cli.COMMANDS``, looked up when used."""
+    """The subcommands of ``axolotl_ila.cli.commands.COMMANDS``, looked up when used."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        from axolotl_ila.cli import COMMANDS
+        from axolotl_ila.cli.commands import COMMANDS
 
         return list(COMMANDS)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        from axolotl_ila.cli import COMMANDS
+        from axolotl_ila.cli.commands import COMMANDS
 
         command = COMMANDS.get(cmd_name)
         return _forwarding_command(cmd_name, command.help) if command is not None else None

@@ -1,6 +1,6 @@
 """``axolotl-ila``: search, show, compare and combine rankings.
 
-The same commands are ``axolotl ila ...`` (``axolotl_ila.axolotl_command``),
+The same commands are ``axolotl ila ...`` (``axolotl_ila.cli.axolotl_group``),
 from the one table ``COMMANDS`` below: their arguments, help and behaviour.
 A ranking argument is a local path or ``hf://OWNER/REPO[@REVISION]/PATH.json``.
 Errors in what the user gave (a file, a flag) print one line,
@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from axolotl_ila.analysis import COMBINE_METHODS, combine, compare, top_set
 from axolotl_ila.architecture import block_index, module_kind
-from axolotl_ila.certainty import certainty, certainty_warnings
-from axolotl_ila.hub import is_hub_path
-from axolotl_ila.ranking import Ranking, RankingError, RankingFile, file_digest, load_ranking, locate_ranking, save_ranking
+from axolotl_ila.ranking.analysis import COMBINE_METHODS, combine, compare, top_set
+from axolotl_ila.ranking.file import Ranking, RankingError, RankingFile, file_digest, load_ranking, locate_ranking, save_ranking
+from axolotl_ila.ranking.hub import is_hub_path
+from axolotl_ila.ranking.text import relearn_line, top_bottom_table
+from axolotl_ila.search.certainty import certainty, certainty_warnings
 from axolotl_ila.selection import FUSED_GROUPS, Selection, SelectionError, importance_order, no_groups_note, select
 
 
@@ -76,42 +77,6 @@ def _ranked_line(ranking: Ranking) -> str:
     head_ranked = any(block_index(n) is None for n in ranking.names)
     hint = "" if head_ranked else "; lora_target_linear leaves out the output head, lm_head"
     return f"scorer    {ranking.scorer}, {ranked} of the model's {total} modules ranked: those the search's LoRA targeted{hint}"
-
-
-def top_bottom_table(ranking: Ranking, n: int = 5, selection: Selection | None = None) -> list[str]:
-    """The ``n`` most and ``n`` least important modules, one line each; with a
-    selection, also their LoRA update norms (where recorded) and keep/DROP."""
-    has_norm = all(m.update_norm is not None for m in ranking.modules)
-
-    def row(rank: str, score: str, norm: str, mark: str, name: str) -> str:
-        cells = [rank, score] + ([norm, mark] if selection is not None else []) + [name]
-        return "  " + "  ".join(cells)
-
-    kept = set(selection.kept) if selection is not None else set()
-    lines = [row(f"{'rank':>4}", f"{'score':>9}", f"{'upd norm' if has_norm else '':>9}", f"{'':4}", "module")]
-    count = len(ranking.modules)
-    shown = sorted(set(range(min(n, count))) | set(range(max(count - n, 0), count)))
-    previous = -1
-    for i in shown:
-        if i != previous + 1:
-            lines.append("  ...")
-        m = ranking.modules[i]
-        norm = f"{m.update_norm:>9.4f}" if has_norm else " " * 9
-        lines.append(row(f"{i + 1:>4}", f"{m.score:>9.4f}", norm, f"{'keep' if m.name in kept else 'DROP':4}", m.name))
-        previous = i
-    return lines
-
-
-def relearn_line(relearn: dict[str, Any]) -> str:
-    """What the re-learning check did to the order, in one line."""
-    if not relearn.get("steps"):
-        return f"no re-learning check ({relearn.get('why_not', 'off')}): the gates alone give the order"
-    closed = relearn.get("closed") or []
-    moved = "" if relearn.get("shift") else "; none ranked above a kept one, so the order is the gates' own"
-    return (
-        f"{relearn['steps']} steps with LoRA learning; {len(closed)} modules closed (their work, others' LoRA "
-        f"can learn) are ranked after the rest{moved}"
-    )
 
 
 def show_text(ranking: Ranking, selection: Selection, path: str | Path, top: int, requested_groups: tuple[str, ...] = ()) -> str:
@@ -178,7 +143,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     else:
         print(show_text(ranking, selection, path, args.top, requested_groups=groups))
     if args.png:
-        from axolotl_ila.plots import heatmap
+        from axolotl_ila.ranking.heatmap import heatmap
 
         out = heatmap(ranking, args.png, drop_fraction=args.drop_fraction, keep_fraction=args.keep_fraction, groups=groups)
         print(f"heatmap written to {out}", file=sys.stderr if args.json else sys.stdout)
@@ -250,7 +215,7 @@ def cmd_combine(args: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from axolotl_ila.quickstart import run_quickstart
+    from axolotl_ila.cli.quickstart import run_quickstart
 
     return run_quickstart(args.dir)
 

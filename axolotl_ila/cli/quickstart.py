@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from axolotl_ila.tiny import build_workspace
+from axolotl_ila.cli.workspace import CPU_TRAINING, build_workspace
 
 DEFAULT_DIR = "ila-quickstart"
 
@@ -40,22 +40,12 @@ def quickstart_config(root: str = DEFAULT_DIR) -> dict[str, Any]:
         "lora_alpha": 16,
         "lora_dropout": 0.0,
         "lora_target_linear": True,
-        # CPU: axolotl's fused LoRA kernels are GPU-only.
-        "lora_mlp_kernel": False,
-        "lora_qkv_kernel": False,
-        "lora_o_kernel": False,
+        **CPU_TRAINING,  # no mixed precision, no fused LoRA kernels (GPU only), plain AdamW
         "sequence_len": 128,
-        "sample_packing": False,
         "micro_batch_size": 4,
-        "gradient_accumulation_steps": 1,
         "max_steps": 60,
         "learning_rate": 0.002,
-        "optimizer": "adamw_torch",
         "lr_scheduler": "cosine",
-        "bf16": False,
-        "fp16": False,
-        "tf32": False,
-        "save_strategy": "no",
         "logging_steps": 10,
         "seed": 42,
     }

@@ -1,23 +1,35 @@
-"""Tiny models, tokenizers and datasets built locally, for the quick start and tests.
+"""The quick start's workspace, built locally: a tiny Llama, its tokenizer, and
+instruction data; and the settings axolotl needs to train on a CPU.
 
 Nothing here downloads anything: the tokenizer is trained on the generated data,
 the model has random weights. A tiny Llama trains a few steps on CPU in seconds.
+The tests and benchmarks build other families on the same pieces
+(``benchmarks/common/tiny_models.py``).
 """
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
+from typing import Any, Callable
 
-from axolotl_ila.ranking import write_atomic
+from axolotl_ila.atomic import write_jsonl
 
-
-# llama: separate q/k/v and gate/up/down nn.Linear; gpt_neox: fused query_key_value;
-# gpt2: transformers' Conv1D projections (c_attn, c_proj, c_fc); qwen3_moe: a
-# mixture of experts whose experts are fused 3-D parameters (transformers 5).
-# qwen2: grouped-query attention with q/k/v biases; mistral: grouped-query attention.
-ARCHITECTURES = ("llama", "gpt_neox", "gpt2", "qwen3_moe", "qwen2", "mistral")
+# What axolotl needs to train on a CPU: no mixed precision, plain AdamW, and
+# none of its fused LoRA kernels (GPU only). The quick start, the tests and the
+# benchmarks all start from these.
+CPU_TRAINING: dict[str, Any] = {
+    "optimizer": "adamw_torch",
+    "bf16": False,
+    "fp16": False,
+    "tf32": False,
+    "lora_mlp_kernel": False,
+    "lora_qkv_kernel": False,
+    "lora_o_kernel": False,
+    "sample_packing": False,
+    "gradient_accumulation_steps": 1,
+    "save_strategy": "no",
+}
 
 _SUBJECTS = ["cat", "dog", "river", "mountain", "teacher", "robot", "garden", "city", "ocean", "forest"]
 _VERBS = ["sees", "likes", "follows", "builds", "paints", "finds", "carries", "visits", "watches", "helps"]
@@ -38,10 +50,6 @@ def make_alpaca_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
         else:
             rows.append({"instruction": "How many words are there?", "input": sentence, "output": str(len(sentence.split()))})
     return rows
-
-
-def write_jsonl(path: str | Path, rows: list[dict[str, str]]) -> Path:
-    return write_atomic(path, lambda temp: temp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8"))
 
 
 def build_tokenizer(rows: list[dict[str, str]], out_dir: str | Path, vocab_size: int = 1000):
@@ -78,16 +86,18 @@ def build_tokenizer(rows: list[dict[str, str]], out_dir: str | Path, vocab_size:
     return fast
 
 
-def build_model(out_dir: str | Path, architecture: str = "llama", layers: int = 4, hidden: int = 64, vocab_size: int = 1000, seed: int = 0, initializer_range: float = 0.02):
-    """A random model of the given family, saved as an ordinary HF folder.
+def llama_config(vocab_size: int, layers: int = 4, hidden: int = 64, initializer_range: float = 0.02):
+    """A tiny Llama: separate q/k/v and gate/up/down, grouped-query attention as in Llama 3."""
+    from transformers import LlamaConfig
 
-    A larger ``initializer_range`` gives a model with confident (peaked)
-    predictions, whose samples carry structure a student can learn.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3MoeConfig
+    return LlamaConfig(num_key_value_heads=2, **tiny_config_fields(vocab_size, layers, hidden, initializer_range))
 
-    shared = dict(
+
+def tiny_config_fields(vocab_size: int, layers: int, hidden: int, initializer_range: float) -> dict[str, Any]:
+    """The sizes every tiny model shares. A larger ``initializer_range`` gives a
+    model with confident (peaked) predictions, whose samples carry structure a
+    student can learn."""
+    return dict(
         vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=hidden * 2,
@@ -100,41 +110,13 @@ def build_model(out_dir: str | Path, architecture: str = "llama", layers: int = 
         tie_word_embeddings=False,
         initializer_range=initializer_range,
     )
-    if architecture == "llama":
-        config = LlamaConfig(num_key_value_heads=2, **shared)  # grouped-query attention, as in Llama 3
-    elif architecture == "qwen2":
-        config = Qwen2Config(num_key_value_heads=2, **shared)  # q/k/v carry biases
-    elif architecture == "mistral":
-        config = MistralConfig(num_key_value_heads=2, **shared)
-    elif architecture == "gpt_neox":
-        config = GPTNeoXConfig(**shared)  # fused query_key_value, dense_h_to_4h / dense_4h_to_h
-    elif architecture == "gpt2":
-        config = GPT2Config(
-            vocab_size=vocab_size,
-            n_embd=hidden,
-            n_inner=hidden * 2,
-            n_layer=layers,
-            n_head=4,
-            n_positions=512,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=3,
-            tie_word_embeddings=False,
-            initializer_range=initializer_range,
-        )
-    elif architecture == "qwen3_moe":
-        shared.pop("intermediate_size")
-        config = Qwen3MoeConfig(
-            num_key_value_heads=2,
-            head_dim=hidden // 4,
-            intermediate_size=hidden * 2,
-            moe_intermediate_size=hidden // 2,
-            num_experts=4,
-            num_experts_per_tok=2,
-            **shared,
-        )
-    else:
-        raise ValueError(f"unknown architecture {architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
+
+
+def save_random_model(config: Any, out_dir: str | Path, seed: int = 0):
+    """A model of ``config`` with random weights (seeded), saved as an ordinary HF folder."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(str(out_dir))
@@ -148,8 +130,11 @@ def build_workspace(
     layers: int = 4,
     seed: int = 0,
     initializer_range: float = 0.02,
+    model_config: Callable[..., Any] = llama_config,
 ) -> dict[str, Path]:
-    """Model folder (weights + tokenizer) and an alpaca jsonl under ``root``."""
+    """Model folder (weights + tokenizer) and an alpaca jsonl under ``root``.
+    ``model_config(vocab_size, layers=, initializer_range=)`` gives the model's
+    config (a Llama unless told otherwise); ``architecture`` names its folder."""
     root = Path(root)
     model_dir = root / f"tiny-{architecture}"
     data_path = root / "data" / "train.jsonl"
@@ -157,58 +142,6 @@ def build_workspace(
     write_jsonl(data_path, data)
     if not (model_dir / "config.json").exists():
         tokenizer = build_tokenizer(data, model_dir)
-        build_model(model_dir, architecture=architecture, layers=layers, vocab_size=len(tokenizer), seed=seed, initializer_range=initializer_range)
+        config = model_config(len(tokenizer), layers=layers, initializer_range=initializer_range)
+        save_random_model(config, model_dir, seed=seed)
     return {"model": model_dir, "data": data_path}
-
-
-# Preference data. One file layout per family of methods, each a format axolotl
-# 0.19 ships a prompt strategy for:
-#   pairs (dpo, ipo, simpo: ``chatml.argilla_chat``; orpo: ``chat_template.argilla``):
-#       {"chosen": [user turn, assistant turn], "rejected": [user turn, assistant turn]}
-#   kto (``chatml.argilla``): {"instruction": ..., "completion": ..., "label": true|false}
-PAIR_TYPES = {"dpo": "chatml.argilla_chat", "ipo": "chatml.argilla_chat", "simpo": "chatml.argilla_chat", "orpo": "chat_template.argilla"}
-KTO_TYPE = "chatml.argilla"
-
-
-def _prompt(row: dict[str, str]) -> str:
-    return f"{row['instruction']}\n{row['input']}" if row.get("input") else row["instruction"]
-
-
-def make_preference_rows(n: int, seed: int = 0) -> list[dict[str, object]]:
-    """Pairs from the instruction data: the right answer is chosen, the answer
-    of another instruction (a different task, so plainly wrong) is rejected."""
-    rows = make_alpaca_rows(n, seed=seed)
-    rng = random.Random(seed + 1)
-    pairs = []
-    for i, row in enumerate(rows):
-        other = rows[(i + 1 + rng.randrange(n - 1)) % n] if n > 1 else row
-        while other["output"] == row["output"] and n > 1:
-            other = rows[rng.randrange(n)]
-        user = {"role": "user", "content": _prompt(row)}
-        pairs.append(
-            {
-                "chosen": [user, {"role": "assistant", "content": row["output"]}],
-                "rejected": [user, {"role": "assistant", "content": other["output"]}],
-            }
-        )
-    return pairs
-
-
-def make_kto_rows(n: int, seed: int = 0) -> list[dict[str, object]]:
-    """KTO rows (unpaired): each pair's chosen answer labelled desirable and
-    its rejected answer undesirable, alternately, so both labels occur."""
-    rows = []
-    for i, pair in enumerate(make_preference_rows(n, seed=seed)):
-        desirable = i % 2 == 0
-        answer = pair["chosen" if desirable else "rejected"][1]["content"]
-        rows.append({"instruction": pair["chosen"][0]["content"], "completion": answer, "label": desirable})
-    return rows
-
-
-def build_preference_data(root: str | Path, rows: int = 64, seed: int = 0) -> dict[str, Path]:
-    """``pairs.jsonl`` (dpo, ipo, simpo, orpo) and ``kto.jsonl`` under ``root/data``."""
-    root = Path(root)
-    return {
-        "pairs": write_jsonl(root / "data" / "pairs.jsonl", make_preference_rows(rows, seed=seed)),
-        "kto": write_jsonl(root / "data" / "kto.jsonl", make_kto_rows(rows, seed=seed)),
-    }

@@ -51,10 +51,10 @@ from typing import Any
 
 import torch
 
-from axolotl_ila.distributed import is_zero3_partitioned
+from axolotl_ila.handoff.names import HANDOFF_NAME
+from axolotl_ila.runtime.distributed import is_zero3_partitioned
 
 ZERO_STATE_FILE = "ila_zero_state.pt"
-HANDOFF_NAME = "ila_handoff.json"  # handoff.HANDOFF_NAME (not imported: handoff imports this module)
 MOMENTS = ("exp_avg", "exp_avg_sq")
 ADAM_STATE = {"step", *MOMENTS}
 

@@ -3,8 +3,8 @@
 Pure Python over ``Ranking`` objects (no axolotl import), for the CLI, tests and
 notebooks:
 
-    from axolotl_ila.analysis import compare, combine, jaccard, top_set
-    from axolotl_ila.ranking import load_ranking
+    from axolotl_ila.ranking.analysis import combine, compare, jaccard, top_set
+    from axolotl_ila.ranking.file import load_ranking
     a, b = load_ranking("a.json"), load_ranking("b.json")
     jaccard(top_set(a), top_set(b))        # top-75% agreement
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from axolotl_ila.ranking import Ranking, RankingError
+from axolotl_ila.ranking.file import Ranking, RankingError
 from axolotl_ila.selection import fraction_count
 
 COMBINE_METHODS = ("intersect", "mean-rank")

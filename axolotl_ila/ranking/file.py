@@ -18,14 +18,13 @@ import json
 import logging
 import math
 import os
-import socket
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from axolotl_ila.hub import is_hub_path
+from axolotl_ila.atomic import temp_prefix, write_json_atomic
+from axolotl_ila.ranking.hub import HubError, fetch, is_hub_path, parse_hub_path
 
 LOG = logging.getLogger("axolotl.ila")
 
@@ -228,7 +227,7 @@ class RankingFile:
 
     spec: str
     local_path: Path
-    hub: Any = None  # hub.HubFile
+    hub: Any = None  # ranking.hub.HubFile
 
     def identity(self, ranking: Ranking) -> dict[str, Any]:
         """How a run records the ranking it used (``ila_selection.json``)."""
@@ -242,13 +241,10 @@ def locate_ranking(spec: str | os.PathLike) -> RankingFile:
     """A local path as it is (not checked here); an ``hf://`` path fetched into
     the Hugging Face cache, or a ``RankingError`` saying why not and what to do."""
     if is_hub_path(spec):
-        from axolotl_ila.hub import HubPathError, fetch, parse_hub_path
-
         try:
-            source = parse_hub_path(str(spec))
-        except HubPathError as exc:
-            raise RankingError(str(exc)) from exc
-        hub_file = fetch(source)
+            hub_file = fetch(parse_hub_path(str(spec)))
+        except HubError as exc:
+            raise RankingError(str(exc), problem=exc.problem) from exc
         return RankingFile(spec=str(spec), local_path=hub_file.local_path, hub=hub_file)
     return RankingFile(spec=str(spec), local_path=Path(spec))
 
@@ -326,62 +322,6 @@ def file_digest(path: str | os.PathLike) -> str:
     return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def default_file_mode() -> int:
-    """What ``open(..., "w")`` would give a new file (mkstemp makes it 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-# Temp files are ``.NAME.HOST.PID.RANDOM.tmp`` beside NAME: a writer killed between
-# writing and renaming leaves one, and the name tells whether its writer is gone.
-STALE_TEMP_AGE_S = 3600  # far beyond any JSON write; for writers we cannot ask (other hosts)
-
-
-def _temp_prefix(path: Path) -> str:
-    return f".{path.name}.{socket.gethostname()}.{os.getpid()}."
-
-
-def _writer_is_gone(temp: Path, name: str) -> bool:
-    """True when ``temp`` is a leftover of ours: its writer process on this host
-    has exited, or (other hosts, older unnamed temp files) it is over an hour old."""
-    try:
-        age = time.time() - temp.stat().st_mtime
-    except FileNotFoundError:
-        return False
-    parts = temp.name[len(name) + 2 : -len(".tmp")].rsplit(".", 2)  # HOST, PID, RANDOM
-    if len(parts) == 3 and parts[0] == socket.gethostname() and parts[1].isdigit():
-        try:
-            os.kill(int(parts[1]), 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            pass  # alive, another user's
-    return age > STALE_TEMP_AGE_S
-
-
-def remove_stale_temp_files(path: str | os.PathLike) -> list[Path]:
-    """Delete the temp files of killed writers of ``path``; never a live writer's."""
-    path = Path(path)
-    removed = []
-    try:
-        entries = list(path.parent.iterdir())
-    except OSError:
-        return removed
-    for temp in entries:
-        if not (temp.name.startswith(f".{path.name}.") and temp.name.endswith(".tmp")):
-            continue
-        if _writer_is_gone(temp, path.name):
-            try:
-                temp.unlink()
-                removed.append(temp)
-            except FileNotFoundError:
-                pass  # another process cleaned it first
-            except OSError as exc:
-                LOG.warning("ILA: could not remove the stale temp file %s (%s)", temp, exc.strerror)
-    return removed
-
-
 def check_can_create_in(path: str | os.PathLike) -> None:
     """Raise unless a file can be created where ``path`` will be written.
 
@@ -393,7 +333,7 @@ def check_can_create_in(path: str | os.PathLike) -> None:
     while not directory.exists() and directory != directory.parent:
         directory = directory.parent
     try:
-        fd, probe = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=directory)
+        fd, probe = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=directory)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
@@ -403,49 +343,6 @@ def check_can_create_in(path: str | os.PathLike) -> None:
             f"run can write (`ila_ranking`, e.g. under output_dir, or `-o` of `axolotl-ila combine`).",
             problem=problem,
         ) from exc
-
-
-def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Write a file so that readers see the old file or the new one, never half:
-    ``write(temp)`` writes a temp file beside ``path``, which then replaces it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_files(path)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, default_file_mode())
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON so that readers see the old file or the new one, never half."""
-
-    def write(temp: Path) -> None:
-        with temp.open("w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-
-    write_atomic(path, write)
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write bytes so that readers see the old file or the new one, never half."""
-
-    def write(temp: Path) -> None:
-        with temp.open("wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-
-    write_atomic(path, write)
 
 
 def save_ranking(ranking: Ranking, path: str | os.PathLike) -> None:

@@ -14,7 +14,8 @@ import os
 from pathlib import Path
 
 from axolotl_ila.architecture import block_index, module_kind
-from axolotl_ila.ranking import Ranking, write_atomic
+from axolotl_ila.atomic import write_atomic
+from axolotl_ila.ranking.file import Ranking
 from axolotl_ila.selection import importance_order, select
 
 DPI = 100

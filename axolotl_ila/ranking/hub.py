@@ -24,8 +24,20 @@ _PR_REF = re.compile(r"^refs/pr/\d+$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
-class HubPathError(ValueError):
+class HubError(ValueError):
+    """A Hub ranking that cannot be had, with the reason (``problem``) and the fix."""
+
+    def __init__(self, message: str, problem: str | None = None):
+        super().__init__(message)
+        self.problem = problem or message
+
+
+class HubPathError(HubError):
     """An ``hf://`` string that does not name a file of a model repo."""
+
+
+class HubFetchError(HubError):
+    """A well-formed ``hf://`` path whose file could not be fetched."""
 
 
 @dataclass(frozen=True)
@@ -136,7 +148,7 @@ def how_to_make(source: HubPath) -> str:
 def fetch(source: HubPath) -> HubFile:
     """Download (or find in the cache) the file ``source`` names.
 
-    Errors are ``RankingError`` s naming the ``hf://`` path, what went wrong and
+    Errors are ``HubFetchError`` s naming the ``hf://`` path, what went wrong and
     what to do; with ``HF_HUB_OFFLINE=1`` only the cache is read."""
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import (
@@ -148,10 +160,8 @@ def fetch(source: HubPath) -> HubFile:
         RevisionNotFoundError,
     )
 
-    from axolotl_ila.ranking import RankingError
-
-    def fail(problem: str, fix: str) -> RankingError:
-        return RankingError(f"ranking {source}: {problem}. {fix}", problem=problem)
+    def fail(problem: str, fix: str) -> HubFetchError:
+        return HubFetchError(f"ranking {source}: {problem}. {fix}", problem=problem)
 
     try:
         local = hf_hub_download(repo_id=source.repo_id, filename=source.path_in_repo, revision=source.revision)

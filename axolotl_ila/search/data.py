@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from axolotl_ila.search_config import SearchError
+from axolotl_ila.search.settings import SearchError
 
 # A file this small is read whole to see whether it holds anything but blanks.
 _SMALL_FILE_BYTES = 4096

@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
-from axolotl_ila.analysis import top_jaccard
-from axolotl_ila.distributed import all_reduce_grad_mean_, all_reduce_mean_, is_main_process
-from axolotl_ila.lora_update import install_gate, lora_parameters
-from axolotl_ila.search_config import SearchError
+from axolotl_ila.ranking.analysis import top_jaccard
+from axolotl_ila.runtime.distributed import all_reduce_grad_mean_, all_reduce_mean_, is_main_process
+from axolotl_ila.search.lora_update import install_gate, lora_parameters
+from axolotl_ila.search.settings import SearchError
 
 LOG = logging.getLogger("axolotl.ila")
 
@@ -182,6 +183,26 @@ def gate_loss(trainer: Any, model: Any, batch: Any):
         return trainer.compute_loss(model, batch)
 
 
+# Observers of the gate stage: called at every settle check with the pass's
+# label ("gates", or "re-learning check"), the step and the scores by module
+# name. A study that wants the order along the way (benchmarks/planted records
+# the order after 16, 32, ... gate steps) registers one with
+# ``observe_gate_checks``; a search itself registers none.
+GateObserver = Callable[[str, int, dict[str, float]], None]
+_OBSERVERS: list[GateObserver] = []
+
+
+@contextmanager
+def observe_gate_checks(observer: GateObserver) -> Iterator[None]:
+    """Call ``observer(label, step, scores)`` at every settle check of every
+    gate pass run in this process while the context is open."""
+    _OBSERVERS.append(observer)
+    try:
+        yield
+    finally:
+        _OBSERVERS.remove(observer)
+
+
 def run_gates(
     trainer: Any,
     layers: dict[str, Any],
@@ -239,9 +260,13 @@ def run_gates(
             done = step + 1
             # Scores are identical on every rank (averaged gradients), so every
             # rank reaches the same decision at the same step.
-            if done % check_every == 0 and settle.add(done, gates.scores.detach().cpu().tolist()):
-                stop_reason = "settled"
-                break
+            if done % check_every == 0:
+                scores = gates.scores.detach().cpu().tolist()
+                for observer in _OBSERVERS:
+                    observer(label, done, dict(zip(gates.names, scores)))
+                if settle.add(done, scores):
+                    stop_reason = "settled"
+                    break
     finally:
         gates.remove()
     if is_main_process():

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from axolotl_ila.distributed import gathered
+from axolotl_ila.runtime.distributed import gathered
 
 
 def _is_param_wrapper(layer: Any) -> bool:

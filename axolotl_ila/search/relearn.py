@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 import torch
 
-from axolotl_ila.lora_update import lora_parameters
+from axolotl_ila.search.lora_update import lora_parameters
 
 
 def open_share(relearn_scores: dict[str, float], budget: float) -> set[str]:

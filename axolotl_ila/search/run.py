@@ -33,17 +33,17 @@ from typing import Any
 
 import torch
 
-from axolotl_ila.certainty import certainty, certainty_warnings
-from axolotl_ila.cli import relearn_line, top_bottom_table
-from axolotl_ila.engines import relearn_steps
-from axolotl_ila.gates import OrderSettle, curve, run_gates
-from axolotl_ila.handoff import WarmState
-from axolotl_ila.plan import ModelInfo
+from axolotl_ila.candidates import ModelInfo
+from axolotl_ila.handoff.state import WarmState
 from axolotl_ila.preference import loss_identity, method
-from axolotl_ila.ranking import Ranking
-from axolotl_ila.relearn import demote, lora_restored, open_share
-from axolotl_ila.search_config import SearchError, planned_steps, search_config, warmup_cap
-from axolotl_ila.warmup import FALLING_T_STAT, RankingProbe, loss_trend, lora_modules, update_norms, warmup_callback
+from axolotl_ila.ranking.file import Ranking
+from axolotl_ila.ranking.text import relearn_line, top_bottom_table
+from axolotl_ila.runtime.engines import relearn_steps
+from axolotl_ila.search.certainty import certainty, certainty_warnings
+from axolotl_ila.search.gates import OrderSettle, curve, run_gates
+from axolotl_ila.search.relearn import demote, lora_restored, open_share
+from axolotl_ila.search.settings import SearchError, planned_steps, search_config, warmup_cap
+from axolotl_ila.search.warmup import FALLING_T_STAT, RankingProbe, lora_modules, loss_trend, update_norms, warmup_callback
 
 LOG = logging.getLogger("axolotl.ila")
 

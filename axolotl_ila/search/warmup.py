@@ -25,9 +25,9 @@ from typing import Any
 import torch
 
 from axolotl_ila.application import lora_layers
-from axolotl_ila.distributed import all_reduce_mean_, is_main_process
-from axolotl_ila.gates import Gates, OrderSettle, cycle_batches, gate_loss
-from axolotl_ila.lora_update import update_norm
+from axolotl_ila.runtime.distributed import all_reduce_mean_, is_main_process
+from axolotl_ila.search.gates import Gates, OrderSettle, cycle_batches, gate_loss
+from axolotl_ila.search.lora_update import update_norm
 
 LOG = logging.getLogger("axolotl.ila")
 

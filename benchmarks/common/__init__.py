@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from axolotl_ila.cli.workspace import CPU_TRAINING
+
 # The ILA settings each quality and retention variant adds to a config; every
 # drop-25% baseline drops as many modules as ILA.
 VARIANTS = {
@@ -29,24 +31,15 @@ VARIANTS = {
 
 ENV = {**os.environ, "AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
 
-# CPU settings for SmolLM2-135M: short sequences keep a step near a second on 2 cores.
-CPU_TRAINING: dict[str, Any] = {
+# SmolLM2-135M on the CPU: short sequences keep a step near a second on 2 cores.
+SMOLLM2_TRAINING: dict[str, Any] = {
+    **CPU_TRAINING,
     "sequence_len": 128,
-    "sample_packing": False,
     "micro_batch_size": 4,
-    "gradient_accumulation_steps": 1,
-    "optimizer": "adamw_torch",
     "lr_scheduler": "cosine",
     "warmup_steps": 2,
     "learning_rate": 0.0005,
-    "bf16": False,
-    "fp16": False,
-    "tf32": False,
-    "save_strategy": "no",
     "logging_steps": 1,
-    "lora_mlp_kernel": False,
-    "lora_qkv_kernel": False,
-    "lora_o_kernel": False,
     "adapter": "lora",
     "lora_r": 8,
     "lora_alpha": 16,
@@ -63,7 +56,7 @@ def config(model: Path, dataset: Path, workdir: Path, name: str, eval_rows: bool
         "dataset_prepared_path": str(workdir / "prepared" / dataset.name),
         "val_set_size": 0.0,
         "output_dir": str(workdir / "runs" / name),
-        **CPU_TRAINING,
+        **SMOLLM2_TRAINING,
     }
     if eval_rows:
         cfg["test_datasets"] = [{"path": str(dataset / "eval.jsonl"), "ds_type": "json", "type": "alpaca", "split": "train"}]

@@ -109,7 +109,7 @@ def load_model(model: str, adapter: str, device: str):
 def selection_for(model, ranking: str | None, strategy: str, drop: float | None, keep: float | None):
     """Candidates as ``lora_target_linear: true`` sees them, then the plugin's rule."""
     from axolotl_ila.architecture import linear_modules
-    from axolotl_ila.ranking import load_ranking
+    from axolotl_ila.ranking.file import load_ranking
     from axolotl_ila.selection import importance_order, select
 
     candidates = [m.name for m in linear_modules(model) if m.name != "lm_head"]

@@ -2,7 +2,7 @@
 
     python -m benchmarks.planted.run [--tasks 20] [--strategies ila update_norm ...] [--work DIR]
 
-Task i is ``axolotl_ila.planted.random_task(i)``: a random family (Llama, Qwen2,
+Task i is ``benchmarks.planted.tasks.random_task(i)``: a random family (Llama, Qwen2,
 Mistral, GPT-NeoX), depth, planted modules, delta rank and size, and planned
 run length (150-1000 steps). For each task the truth is measured once (the KL
 of reverting each planted delta, and the held-out loss of LoRA on the planted
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from axolotl_ila.planted import (
+from benchmarks.planted.tasks import (
     PlantedTask,
     base_gradient_scores,
     build_task,
@@ -180,32 +180,18 @@ def run_search(task: PlantedTask, files, strategy: Strategy, out: Path) -> dict[
 
 @contextmanager
 def gate_snapshots():
-    """Record the gate scores at every settle check of the gate stage (by
-    module name), while the search runs in this process. Only the gate stage
-    looks ``Gates`` and ``OrderSettle`` up in ``axolotl_ila.gates`` at run
-    time; the warm-up's probe and settle test were imported before, so they
-    are not recorded."""
-    from axolotl_ila import gates
+    """The gate scores at every settle check of the gate stage (by module
+    name), while the search runs in this process."""
+    from axolotl_ila.search.gates import observe_gate_checks
 
     snapshots: dict[int, dict[str, float]] = {}
-    names: list[str] = []
-    plain_gates, plain_settle = gates.Gates, gates.OrderSettle
 
-    class NamedGates(plain_gates):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            names[:] = self.names
+    def record(label: str, step: int, scores: dict[str, float]) -> None:
+        if label == "gates":
+            snapshots[step] = scores
 
-    class RecordingSettle(plain_settle):
-        def add(self, step, scores):
-            snapshots[step] = dict(zip(names, scores))
-            return super().add(step, scores)
-
-    gates.Gates, gates.OrderSettle = NamedGates, RecordingSettle
-    try:
+    with observe_gate_checks(record):
         yield snapshots
-    finally:
-        gates.Gates, gates.OrderSettle = plain_gates, plain_settle
 
 
 def gradient_ranking(task: PlantedTask, files, out: Path) -> dict[str, Any]:

@@ -29,7 +29,9 @@ from typing import Any
 
 import torch
 
-from axolotl_ila.tiny import build_model, build_tokenizer, make_alpaca_rows, write_jsonl
+from axolotl_ila.atomic import write_jsonl
+from axolotl_ila.cli.workspace import CPU_TRAINING, build_tokenizer, make_alpaca_rows
+from benchmarks.common.tiny_models import build_model
 
 FAMILIES = ("llama", "qwen2", "mistral", "gpt_neox")
 
@@ -145,7 +147,6 @@ def plant(base: torch.nn.Module, task: PlantedTask) -> torch.nn.Module:
 def build_task(task: PlantedTask, root: str | Path) -> TaskFiles:
     """Base model, teacher, and teacher samples (train and held-out) under ``root``.
     Built once; a second call reads what is there."""
-    from transformers import AutoModelForCausalLM
 
     root = Path(root)
     files = TaskFiles(
@@ -295,30 +296,21 @@ def search_config(task: PlantedTask, files: TaskFiles, out: Path, ranking: Path,
         "dataset_prepared_path": str(out / "prepared"),
         "output_dir": str(out / "run"),
         "plugins": ["axolotl_ila.ILAPlugin"],
+        **CPU_TRAINING,
         "adapter": "lora",
         "lora_r": task.lora_r,
         "lora_alpha": 2 * task.lora_r,
         "lora_dropout": 0.0,
         "lora_target_linear": True,
         "sequence_len": task.seq_len + 8,
-        "sample_packing": False,
         "val_set_size": 0,
         "dataset_num_proc": 1,  # spawning tokenizer workers costs more than the work here
         "micro_batch_size": task.batch,
-        "gradient_accumulation_steps": 1,
         "learning_rate": task.learning_rate,
-        "optimizer": "adamw_torch",
         "lr_scheduler": "constant",
         "max_steps": task.steps,
-        "bf16": False,
-        "fp16": False,
-        "tf32": False,
-        "save_strategy": "no",
         "logging_steps": 1,
         "seed": task.seed,
-        "lora_mlp_kernel": False,
-        "lora_qkv_kernel": False,
-        "lora_o_kernel": False,
         "ila_ranking": str(ranking),
     }
     cfg.update(overrides)
@@ -342,7 +334,7 @@ def recall(chosen, planted) -> float:
 
 
 def save_json(path: Path, data: Any) -> None:
-    from axolotl_ila.ranking import write_json_atomic
+    from axolotl_ila.atomic import write_json_atomic
 
     write_json_atomic(path, data)
 

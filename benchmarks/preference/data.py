@@ -27,7 +27,7 @@ import random
 from pathlib import Path
 from typing import Any, Callable
 
-from axolotl_ila.tiny import write_jsonl  # temp file, then rename
+from axolotl_ila.atomic import write_jsonl  # temp file, then rename
 
 Row = dict[str, Any]
 Pair = dict[str, str]

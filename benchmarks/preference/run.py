@@ -33,8 +33,8 @@ from typing import Any
 
 import yaml
 
-from axolotl_ila.ranking import write_json_atomic
-from benchmarks.common import CPU_TRAINING
+from axolotl_ila.atomic import write_json_atomic
+from benchmarks.common import SMOLLM2_TRAINING
 
 from . import data as pairs_data
 from .evaluate import bootstrap_interval, completion_logps, load_policy, mean, pair_metrics
@@ -47,7 +47,7 @@ BETA = 0.1
 VARIANTS = ("all", "ila-dpo", "ila-sft")  # LoRA on every module; ILA drop 25% by the DPO / SFT ranking
 
 # The other studies' CPU settings for SmolLM2, with room for a prompt and its answer.
-TRAINING: dict[str, Any] = {**CPU_TRAINING, "sequence_len": 160, "val_set_size": 0.0, "warmup_steps": 4, "dataset_num_proc": 1}
+TRAINING: dict[str, Any] = {**SMOLLM2_TRAINING, "sequence_len": 160, "val_set_size": 0.0, "warmup_steps": 4, "dataset_num_proc": 1}
 
 
 def write_config(path: Path, cfg: dict[str, Any]) -> Path:
@@ -170,8 +170,8 @@ def train_and_evaluate(args, files, variant: str, seed: int, reference: list[tup
 
 
 def jaccards(results: Path, seeds: list[int]) -> dict[str, Any]:
-    from axolotl_ila.analysis import jaccard, top_set
-    from axolotl_ila.ranking import load_ranking
+    from axolotl_ila.ranking.analysis import jaccard, top_set
+    from axolotl_ila.ranking.file import load_ranking
 
     have = {(loss, s): load_ranking(ranking_path(results, loss, s)) for loss in ("dpo", "sft") for s in seeds if ranking_path(results, loss, s).exists()}
     out: dict[str, Any] = {"dpo_vs_sft_same_seed": {}, "dpo_seed_vs_seed": {}, "sft_seed_vs_seed": {}}

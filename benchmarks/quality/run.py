@@ -88,8 +88,8 @@ def main(argv=None) -> int:
 
 def print_group_overlap(datasets: list[Path], rankings: Path, seed: int) -> None:
     """How much keeping fused groups whole changes ILA's selection."""
-    from axolotl_ila.analysis import jaccard
-    from axolotl_ila.ranking import load_ranking
+    from axolotl_ila.ranking.analysis import jaccard
+    from axolotl_ila.ranking.file import load_ranking
     from axolotl_ila.selection import FUSED_GROUPS, importance_order, select
 
     print("\n| dataset | rule | kept (single modules) | kept (whole groups) | Jaccard of the kept sets |")

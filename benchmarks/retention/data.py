@@ -23,7 +23,7 @@ import random
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from axolotl_ila.tiny import write_jsonl  # temp file, then rename
+from axolotl_ila.atomic import write_jsonl  # temp file, then rename
 
 Row = dict[str, Any]
 

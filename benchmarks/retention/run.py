@@ -79,7 +79,7 @@ def training_data(dataset: Path, rows: int, work: Path) -> Path:
         raise SystemExit(f"--train-rows {rows} but {dataset / 'train.jsonl'} has {len(train_rows)} rows")
     folder = work / "data" / f"{dataset.name}-{rows}"
     if not (folder / "eval.jsonl").exists():
-        from axolotl_ila.tiny import write_jsonl
+        from axolotl_ila.atomic import write_jsonl
 
         write_jsonl(folder / "train.jsonl", train_rows[:rows])
         shutil.copyfile(dataset / "eval.jsonl", folder / ".eval.jsonl.tmp")
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
             return
         started = time.perf_counter()
         scores = evaluate(args.model, adapter, args.tasks, args.retention_data, datasets, loss_rows=args.loss_rows)
-        from axolotl_ila.ranking import write_json_atomic
+        from axolotl_ila.atomic import write_json_atomic
 
         write_json_atomic(out, {**meta, "loss_rows": args.loss_rows, "retention_data": str(args.retention_data.resolve()), "eval_seconds": round(time.perf_counter() - started), **scores})
         print(f"  {name}: loss {json.dumps({k: round(v, 4) for k, v in scores['loss'].items()})} ({time.perf_counter() - started:.0f} s to score)", flush=True)

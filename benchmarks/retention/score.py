@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     scores = evaluate(args.model, args.adapter, args.tasks, args.retention_data, args.loss_data, args.sequence_len, args.loss_rows)
-    from axolotl_ila.ranking import write_json_atomic
+    from axolotl_ila.atomic import write_json_atomic
 
     write_json_atomic(args.out, scores)
     for name, loss in scores["loss"].items():

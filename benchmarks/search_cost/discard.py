@@ -31,9 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from axolotl_ila.atomic import write_json_atomic
 from benchmarks.common import ENV
-
-from axolotl_ila.ranking import write_json_atomic
 
 VARIANTS = ("discard", "keep")
 

@@ -39,9 +39,8 @@ import sys
 import time
 from pathlib import Path
 
+from axolotl_ila.atomic import write_json_atomic
 from benchmarks.common import config, last_metric, run, search, train
-
-from axolotl_ila.ranking import write_json_atomic
 
 
 def log_time(log: Path, marker: str) -> datetime.datetime:
@@ -91,8 +90,8 @@ def part(results: dict, key: str, work: Path, compute) -> dict:
 
 
 def study(model: Path, dataset: Path, seed: int, steps: int, batch: int, warmup_fraction: float | None, work: Path, results: dict) -> dict:
-    from axolotl_ila.analysis import jaccard, top_set
-    from axolotl_ila.ranking import load_ranking
+    from axolotl_ila.ranking.analysis import jaccard, top_set
+    from axolotl_ila.ranking.file import load_ranking
 
     name = f"{dataset.name}-s{seed}"
     ranking = work / "rankings" / f"{name}.json"
@@ -169,7 +168,7 @@ def main(argv=None) -> int:
     # The fraction the first run uses, the plugin's default resolved: a workdir
     # made before a default changed is not mistaken for one made after.
     from axolotl_ila.args import ILAArgs
-    from axolotl_ila.engines import DEFAULT_RELEARN_STEPS
+    from axolotl_ila.runtime.engines import DEFAULT_RELEARN_STEPS
 
     fraction = args.warmup_fraction if args.warmup_fraction is not None else ILAArgs.model_fields["ila_warmup_fraction"].default
     settings = {"steps": args.steps, "micro_batch_size": args.micro_batch_size, "warmup_fraction": fraction, "threads": threads,

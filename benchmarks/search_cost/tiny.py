@@ -25,8 +25,8 @@ from pathlib import Path
 
 import yaml
 
-from axolotl_ila.analysis import jaccard, top_set
-from axolotl_ila.ranking import load_ranking
+from axolotl_ila.ranking.analysis import jaccard, top_set
+from axolotl_ila.ranking.file import load_ranking
 
 ENV = {**os.environ, "AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
 
