@@ -61,7 +61,7 @@ def save_searched(ranking: Ranking, path: Path, output_dir: str | Path) -> Path:
 def write_heatmap(ranking: Ranking, ranking_path: Path, fractions: dict[str, Any]) -> None:
     """The ranking's picture next to it (``ranking.png``), at the run's fractions
     (``args.selection_kwargs``)."""
-    from axolotl_ila.ranking.heatmap import heatmap
+    from axolotl_ila.report.heatmap import heatmap
 
     png = ranking_path.with_suffix(".png")
     if png.exists() and png.read_bytes()[:8] != b"\x89PNG\r\n\x1a\n":

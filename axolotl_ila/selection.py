@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from axolotl_ila.architecture import block_index, depth_order, module_kind, num_blocks
+from axolotl_ila.ranking.analysis import fraction_count
 from axolotl_ila.ranking.file import Ranking, RankingError
 
 RANKED_STRATEGIES = {"ila": "score", "update_norm": "update_norm"}
@@ -125,11 +126,6 @@ def importance_order(
 
         return sorted(candidates, key=distance)
     raise SelectionError(f"ila_strategy: unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}.")
-
-
-def fraction_count(fraction: float, total: int) -> int:
-    """How many of ``total`` a fraction is: rounded half up, unlike round()."""
-    return int(fraction * total + 0.5)
 
 
 def _fused_member(name: str, groups: tuple[str, ...]) -> tuple[str, str] | None:

@@ -14,7 +14,7 @@ from axolotl_ila.cli.commands import main
 from axolotl_ila.cli.quickstart import render_config
 from axolotl_ila.ranking.analysis import combine, jaccard, mean_ranks, top_set
 from axolotl_ila.ranking.file import Ranking, load_ranking, save_ranking
-from axolotl_ila.ranking.heatmap import DPI, figure_size
+from axolotl_ila.report.heatmap import DPI, figure_size
 
 REPO = Path(__file__).resolve().parents[1]
 

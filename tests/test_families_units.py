@@ -18,7 +18,7 @@ from axolotl_ila.candidates import skeleton_model, target_candidates
 from axolotl_ila.cli.commands import main
 from axolotl_ila.plan import kernel_warnings
 from axolotl_ila.ranking.file import Ranking, save_ranking
-from axolotl_ila.ranking.heatmap import figure_size, layout
+from axolotl_ila.report.heatmap import figure_size, layout
 from axolotl_ila.search.lora_update import install_gate, update_norm
 from axolotl_ila.selection import SelectionError, present_groups, select
 

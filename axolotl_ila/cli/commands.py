@@ -22,7 +22,7 @@ from axolotl_ila.architecture import block_index, module_kind
 from axolotl_ila.ranking.analysis import COMBINE_METHODS, combine, compare, top_set
 from axolotl_ila.ranking.file import Ranking, RankingError, RankingFile, file_digest, load_ranking, locate_ranking, save_ranking
 from axolotl_ila.ranking.hub import is_hub_path
-from axolotl_ila.ranking.text import relearn_line, top_bottom_table
+from axolotl_ila.report.text import relearn_line, top_bottom_table
 from axolotl_ila.search.certainty import certainty, certainty_warnings
 from axolotl_ila.selection import FUSED_GROUPS, Selection, SelectionError, importance_order, no_groups_note, select
 
@@ -143,7 +143,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     else:
         print(show_text(ranking, selection, path, args.top, requested_groups=groups))
     if args.png:
-        from axolotl_ila.ranking.heatmap import heatmap
+        from axolotl_ila.report.heatmap import heatmap
 
         out = heatmap(ranking, args.png, drop_fraction=args.drop_fraction, keep_fraction=args.keep_fraction, groups=groups)
         print(f"heatmap written to {out}", file=sys.stderr if args.json else sys.stdout)

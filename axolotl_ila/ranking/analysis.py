@@ -15,9 +15,13 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from axolotl_ila.ranking.file import Ranking, RankingError
-from axolotl_ila.selection import fraction_count
 
 COMBINE_METHODS = ("intersect", "mean-rank")
+
+
+def fraction_count(fraction: float, total: int) -> int:
+    """How many of ``total`` a fraction is: rounded half up, unlike round()."""
+    return int(fraction * total + 0.5)
 
 
 def top_names(order: Sequence[Any], p: float) -> list[Any]:

@@ -37,7 +37,7 @@ from axolotl_ila.candidates import ModelInfo
 from axolotl_ila.handoff.state import WarmState
 from axolotl_ila.preference import loss_identity, method
 from axolotl_ila.ranking.file import Ranking
-from axolotl_ila.ranking.text import relearn_line, top_bottom_table
+from axolotl_ila.report.text import relearn_line, top_bottom_table
 from axolotl_ila.runtime.engines import relearn_steps
 from axolotl_ila.search.certainty import certainty, certainty_warnings
 from axolotl_ila.search.gates import OrderSettle, curve, run_gates
