@@ -43,8 +43,6 @@ class Action(Enum):
 # (may search, ila_search, a file at ila_ranking). A run that resumes from its
 # checkpoints may not search: its adapters already have a shape, and its
 # selection record says which modules they cover.
-#
-#   may search  ila_search  file    action
 RULES: dict[tuple[bool, str, bool], Action] = {
     (True, "auto", True): Action.LOAD,
     (True, "auto", False): Action.SEARCH,
