@@ -133,3 +133,81 @@ def test_train_lora_gives_one_loss_per_set_of_modules(tmp_path, one_thread):
     first = train_lora(files, task, names, steps=4)
     assert train_lora(files, task, list(reversed(names)), steps=4) == first
     assert train_lora(files, task, names[1:], steps=4) != first
+
+
+def test_the_docs_tables_are_the_ones_the_record_prints():
+    """docs/planted.md shows the tables ``python -m benchmarks.planted.run
+    --docs-tables`` prints from the record, each in a block of its own."""
+    import re
+
+    from benchmarks.planted.run import DOCS_TABLES, docs_tables
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "planted.md").read_text(encoding="utf-8")
+    shown = re.findall(r"```\n(task .*?)\n```", docs, re.S)
+    assert len(shown) == len(DOCS_TABLES)
+    assert shown == docs_tables()
+
+
+def test_a_strategy_is_found_by_its_settings_not_its_name():
+    from axolotl_ila.args import ILAArgs
+    from benchmarks.planted.run import GATES_ONLY, STRATEGIES, Strategy
+
+    keys = [s.key() for s in STRATEGIES.values()]
+    assert len(set(keys)) == len(keys)
+    renamed = Strategy("score", dict(GATES_ONLY), "any name, any words")
+    assert renamed.key() == STRATEGIES["ila_gates_only"].key()
+    assert STRATEGIES["update_norm"].key() != STRATEGIES["ila_gates_only"].key()  # same search, other order
+    assert STRATEGIES["update_norm"].search() == STRATEGIES["ila_gates_only"].search()
+    settings = STRATEGIES["ila"].search()["settings"]
+    assert set(settings) == {k for k in ILAArgs.model_fields if k.startswith("ila_")} - {"ila_ranking"}
+    assert settings["ila_relearn_steps"] == 32 and STRATEGIES["ila_gates_only"].search()["settings"]["ila_relearn_steps"] == 0
+
+
+def test_a_finished_result_is_skipped_and_a_lost_one_is_rebuilt_from_the_record(tmp_path, monkeypatch):
+    """Resumable: with the task's truth, search and module sets in the record,
+    a missing result is made again from them, the same numbers, with nothing
+    built or trained; a finished one is left alone."""
+    import json
+
+    from benchmarks.planted import run
+    from benchmarks.planted.record import KINDS, Record
+
+    task = run.task_for(952)
+    for kind in KINDS:
+        lines = [line for line in Record(run.RESULTS).lines[kind] if line["task"] == task.to_dict()]
+        if kind == "results":
+            kept = [line for line in lines if line["strategy"] != "ila"]
+            (lost,) = [line for line in lines if line["strategy"] == "ila"]
+            lines = kept
+        (tmp_path / f"{kind}.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the record holds everything this needs")
+
+    monkeypatch.setattr(run, "build_task", no_build)
+    run.run_task(952, ["ila", "ila_gates_only"], tmp_path / "work", tmp_path)
+    results = Record(tmp_path).lines["results"]
+    assert len(results) == len(kept) + 1
+    again = results[-1]
+    fields = ("strategy", "key", "task", "search_key", "search", "order", "top_k", "loss", "planted_loss", "regret", "recall")
+    assert {k: again[k] for k in fields} == {k: lost[k] for k in fields}
+    assert {k: again[k] for k in ("planted_ranks", "search_steps", "warmup", "gates")} == {
+        k: lost[k] for k in ("planted_ranks", "search_steps", "warmup", "gates")
+    }
+
+
+def test_the_record_reads_past_a_torn_last_line_and_the_next_line_replaces_it(tmp_path):
+    from benchmarks.planted.record import Record
+
+    task = {"seed": 1}
+    kept = Record(tmp_path)
+    kept.add("sets", {"task": task, "modules": ["b", "a"], "loss": 1.0})
+    with (tmp_path / "sets.jsonl").open("a", encoding="utf-8") as handle:
+        handle.write('{"task": {"seed": 1}, "modules": ["c"], "lo')  # a run stopped mid-line
+    with pytest.warns(UserWarning, match="torn"):
+        kept = Record(tmp_path)
+    assert kept.get("sets", task, "a|b")["loss"] == 1.0 and kept.get("sets", task, "c") is None
+    with pytest.warns(UserWarning, match="cut off a torn last line"):
+        kept.add("sets", {"task": task, "modules": ["c"], "loss": 2.0})
+    lines = (tmp_path / "sets.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 2 and Record(tmp_path).get("sets", task, "c")["loss"] == 2.0
