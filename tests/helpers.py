@@ -22,7 +22,7 @@ from zygote import signal_groups
 
 from axolotl_ila.atomic import write_jsonl
 from axolotl_ila.cli.workspace import CPU_TRAINING, make_alpaca_rows
-from axolotl_ila.ranking.file import file_digest, load_ranking
+from axolotl_ila.ranking.file import Ranking, file_digest, load_ranking, save_ranking
 
 # What a tiny model needs to train on a 2-core CPU in seconds.
 CPU_SETTINGS: dict[str, Any] = {
@@ -462,3 +462,55 @@ def build_preference_data(root: str | Path, rows: int = 64, seed: int = 0) -> di
         "pairs": write_jsonl(root / "data" / "pairs.jsonl", make_preference_rows(rows, seed=seed)),
         "kto": write_jsonl(root / "data" / "kto.jsonl", make_kto_rows(rows, seed=seed)),
     }
+
+
+# Search records and a trainer small enough for unit tests of the certainty
+# summary, the re-learning check and the gates.
+
+
+def search_stage(stop: str, rho: float | None, jaccard: float | None, steps: int = 50, cap: int = 50) -> dict:
+    """A search stage's record (``search.stage1`` / ``stage2``) with its last settle check."""
+    last = None if rho is None else {"step": steps, "compared_with_step": steps // 2, "spearman": rho, "top75_jaccard": jaccard}
+    return {"steps": steps, "max_steps": cap, "stop_reason": stop, "settle": {"agreement": 0.9, "last_check": last}}
+
+
+def ranking_with_search(tmp_path, search):
+    """A saved four-module ranking whose ``search`` section is ``search``."""
+    model = {"base_model": "tiny", "model_type": "llama", "fingerprint": "sha256:" + "a" * 64, "num_linear_modules": 4}
+    path = tmp_path / "r.json"
+    save_ranking(Ranking.from_scores({f"model.layers.0.mlp.{k}": float(i) for i, k in enumerate("abcd")}, model=model, search=search), path)
+    return path
+
+
+class TinyTrainer:
+    """What run_gates reads from a trainer: the model, a dataloader, compute_loss."""
+
+    def __init__(self, model, batches):
+        from contextlib import nullcontext
+        from types import SimpleNamespace
+
+        self.model = model
+        self.args = SimpleNamespace(gradient_accumulation_steps=1)
+        self._batches = batches
+        self.compute_loss_context_manager = nullcontext
+
+    def get_train_dataloader(self):
+        return self._batches
+
+    def compute_loss(self, model, batch):
+        return model(**batch).loss
+
+
+def tiny_lora_trainer(tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from axolotl_ila.search.warmup import lora_modules
+    from benchmarks.common.tiny_models import build_model
+
+    base = build_model(tmp_path / "m", "llama", layers=1, hidden=16, vocab_size=64, initializer_range=0.2)
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", init_lora_weights=False))
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 64, (4, 8, 12))
+    trainer = TinyTrainer(model, [{"input_ids": t, "labels": t} for t in tokens])
+    return trainer, lora_modules(model)

@@ -5,26 +5,22 @@ from __future__ import annotations
 
 import json
 
+from helpers import ranking_with_search, search_stage, tiny_lora_trainer
+
 from axolotl_ila.cli.commands import main
-from axolotl_ila.ranking.file import Ranking, save_ranking
 from axolotl_ila.search.certainty import certainty, certainty_warnings, stage_certainty
 
 
-def stage(stop: str, rho: float | None, jaccard: float | None, steps: int = 50, cap: int = 50) -> dict:
-    last = None if rho is None else {"step": steps, "compared_with_step": steps // 2, "spearman": rho, "top75_jaccard": jaccard}
-    return {"steps": steps, "max_steps": cap, "stop_reason": stop, "settle": {"agreement": 0.9, "last_check": last}}
-
-
 def test_a_stage_is_settled_by_its_last_comparison_not_by_why_it_stopped():
-    assert stage_certainty(stage("settled", 0.95, 0.93))["settled"]
-    assert stage_certainty(stage("cap", 0.97, 0.95))["settled"]  # ran to its cap, but the order held still
-    assert not stage_certainty(stage("cap", 0.97, 0.81))["settled"]  # the top set still changing
-    assert not stage_certainty(stage("cap", 0.6, 0.95))["settled"]
-    assert not stage_certainty(stage("cap", None, None, steps=3))["settled"]  # never compared
+    assert stage_certainty(search_stage("settled", 0.95, 0.93))["settled"]
+    assert stage_certainty(search_stage("cap", 0.97, 0.95))["settled"]  # ran to its cap, but the order held still
+    assert not stage_certainty(search_stage("cap", 0.97, 0.81))["settled"]  # the top set still changing
+    assert not stage_certainty(search_stage("cap", 0.6, 0.95))["settled"]
+    assert not stage_certainty(search_stage("cap", None, None, steps=3))["settled"]  # never compared
 
 
 def test_certainty_summary_and_warnings_name_the_stage_and_the_key():
-    search = {"stage1": {**stage("cap", 0.88, 0.74, 50, 50), "planned_training_steps": 200}, "stage2": stage("settled", 0.99, 1.0, 16, 128)}
+    search = {"stage1": {**search_stage("cap", 0.88, 0.74, 50, 50), "planned_training_steps": 200}, "stage2": search_stage("settled", 0.99, 1.0, 16, 128)}
     summary = certainty(search)
     assert summary["settled"] is False
     assert summary["warmup"]["settled"] is False and summary["gates"]["settled"] is True
@@ -33,23 +29,16 @@ def test_certainty_summary_and_warnings_name_the_stage_and_the_key():
     assert "warm-up had not settled" in warning and "ran to its cap (50 of the 200 planned steps) after 50/50 steps" in warning
     assert "Jaccard 0.74" in warning and "ila_warmup_fraction" in warning
 
-    gates = {"stage1": stage("settled", 0.95, 0.95), "stage2": stage("cap", 0.5, 0.6, 128, 128)}
+    gates = {"stage1": search_stage("settled", 0.95, 0.95), "stage2": search_stage("cap", 0.5, 0.6, 128, 128)}
     (warning,) = certainty_warnings(gates)
     assert "gates had not settled" in warning and "ila_gate_steps" in warning
 
-    assert certainty_warnings({"stage1": stage("settled", 0.95, 0.95), "stage2": stage("cap", 0.95, 0.95)}) == []
+    assert certainty_warnings({"stage1": search_stage("settled", 0.95, 0.95), "stage2": search_stage("cap", 0.95, 0.95)}) == []
     assert certainty_warnings({"method": "combine"}) == []  # a combined ranking has no stages
 
 
-def _ranking(tmp_path, search):
-    model = {"base_model": "tiny", "model_type": "llama", "fingerprint": "sha256:" + "a" * 64, "num_linear_modules": 4}
-    path = tmp_path / "r.json"
-    save_ranking(Ranking.from_scores({f"model.layers.0.mlp.{k}": float(i) for i, k in enumerate("abcd")}, model=model, search=search), path)
-    return path
-
-
 def test_show_says_plainly_when_the_warmup_had_not_settled(tmp_path, capsys):
-    path = _ranking(tmp_path, {"method": "ila", "stage1": stage("cap", 0.8, 0.7), "stage2": stage("settled", 0.99, 1.0)})
+    path = ranking_with_search(tmp_path, {"method": "ila", "stage1": search_stage("cap", 0.8, 0.7), "stage2": search_stage("settled", 0.99, 1.0)})
     assert main(["show", str(path)]) == 0
     out = capsys.readouterr().out
     assert "certainty NOT SETTLED" in out and "warm-up had not settled" in out and "ila_warmup_fraction" in out
@@ -59,44 +48,10 @@ def test_show_says_plainly_when_the_warmup_had_not_settled(tmp_path, capsys):
 
 
 def test_show_says_settled(tmp_path, capsys):
-    path = _ranking(tmp_path, {"method": "ila", "stage1": stage("settled", 0.95, 0.95), "stage2": stage("settled", 0.99, 1.0)})
+    path = ranking_with_search(tmp_path, {"method": "ila", "stage1": search_stage("settled", 0.95, 0.95), "stage2": search_stage("settled", 0.99, 1.0)})
     assert main(["show", str(path)]) == 0
     out = capsys.readouterr().out
     assert "certainty settled" in out and "NOT SETTLED" not in out
-
-
-class _Trainer:
-    """What run_gates reads from a trainer: the model, a dataloader, compute_loss."""
-
-    def __init__(self, model, batches):
-        from contextlib import nullcontext
-        from types import SimpleNamespace
-
-        self.model = model
-        self.args = SimpleNamespace(gradient_accumulation_steps=1)
-        self._batches = batches
-        self.compute_loss_context_manager = nullcontext
-
-    def get_train_dataloader(self):
-        return self._batches
-
-    def compute_loss(self, model, batch):
-        return model(**batch).loss
-
-
-def _tiny_lora_trainer(tmp_path):
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from axolotl_ila.search.warmup import lora_modules
-    from benchmarks.common.tiny_models import build_model
-
-    base = build_model(tmp_path / "m", "llama", layers=1, hidden=16, vocab_size=64, initializer_range=0.2)
-    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", init_lora_weights=False))
-    torch.manual_seed(0)
-    tokens = torch.randint(0, 64, (4, 8, 12))
-    trainer = _Trainer(model, [{"input_ids": t, "labels": t} for t in tokens])
-    return trainer, lora_modules(model)
 
 
 def test_gates_with_lora_learning_change_the_lora_weights_and_frozen_gates_do_not(tmp_path):
@@ -105,7 +60,7 @@ def test_gates_with_lora_learning_change_the_lora_weights_and_frozen_gates_do_no
     from axolotl_ila.search.gates import run_gates
 
     for lora_lr in (None, 1e-2):
-        trainer, layers = _tiny_lora_trainer(tmp_path / str(lora_lr))
+        trainer, layers = tiny_lora_trainer(tmp_path / str(lora_lr))
         before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
         scores, record = run_gates(trainer, layers, max_steps=6, lr=0.05, budget=0.3, agreement=0.99, min_steps=6, lora_lr=lora_lr)
         after = dict(trainer.model.named_parameters())

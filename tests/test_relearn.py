@@ -4,6 +4,7 @@ ranked after the others, and that the warm-up's LoRA weights come back."""
 from __future__ import annotations
 
 import pytest
+from helpers import ranking_with_search, search_stage, tiny_lora_trainer
 
 from axolotl_ila.search.relearn import demote, lora_restored, open_share
 
@@ -33,11 +34,10 @@ def test_nothing_moves_when_the_closed_modules_already_rank_last_or_none_are_clo
 
 def test_lora_weights_are_put_back_after_the_check_trained_them(tmp_path):
     import torch
-    from test_certainty import _tiny_lora_trainer
 
     from axolotl_ila.search.gates import run_gates
 
-    trainer, layers = _tiny_lora_trainer(tmp_path)
+    trainer, layers = tiny_lora_trainer(tmp_path)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
     with lora_restored(layers):
         run_gates(trainer, layers, max_steps=4, lr=0.05, budget=0.5, agreement=0.99, min_steps=4, lora_lr=1e-2)
@@ -50,8 +50,6 @@ def test_lora_weights_are_put_back_after_the_check_trained_them(tmp_path):
 def test_show_says_what_the_check_did_or_why_it_did_not_run(tmp_path, capsys):
     import json
 
-    from test_certainty import _ranking, stage
-
     from axolotl_ila.cli.commands import main
 
     done = {"steps": 32, "stop_reason": "fixed length", "closed": ["model.layers.0.mlp.a", "model.layers.0.mlp.b"], "shift": 1.5}
@@ -60,7 +58,7 @@ def test_show_says_what_the_check_did_or_why_it_did_not_run(tmp_path, capsys):
         ({**done, "shift": 0.0}, "none ranked above a kept one, so the order is the gates' own"),
         ({"steps": 0, "why_not": "off by default under DeepSpeed"}, "relearn   no re-learning check (off by default under DeepSpeed)"),
     ]:
-        path = _ranking(tmp_path, {"method": "ila", "stage1": stage("settled", 0.95, 0.95), "stage2": stage("settled", 0.99, 1.0), "relearn": relearn})
+        path = ranking_with_search(tmp_path, {"method": "ila", "stage1": search_stage("settled", 0.95, 0.95), "stage2": search_stage("settled", 0.99, 1.0), "relearn": relearn})
         assert main(["show", str(path)]) == 0
         assert expected in capsys.readouterr().out
         assert main(["show", str(path), "--json"]) == 0
