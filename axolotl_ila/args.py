@@ -100,7 +100,11 @@ class ILAArgs(BaseModel):
     )
     ila_stability_window: int = Field(
         default=10,
-        json_schema_extra={"description": "Steps between two probes of the ranking during the warm-up."},
+        json_schema_extra={
+            "description": "Warm-up steps between two probes of the ranking with ila_warmup_early_stop (it stops on "
+            "them). Without it the probes only feed the certainty record: at most 8 over the warm-up (and one at its "
+            "end), never closer than this."
+        },
     )
     ila_settle_agreement: float = Field(
         default=0.9,

@@ -8,7 +8,7 @@ import json
 from helpers import ranking_with_search, search_stage, tiny_lora_trainer
 
 from axolotl_ila.cli.commands import main
-from axolotl_ila.search.certainty import certainty, certainty_warnings, stage_certainty
+from axolotl_ila.search.certainty import certainty, certainty_figures, certainty_warnings, stage_certainty
 
 
 def test_a_stage_is_settled_by_its_last_comparison_not_by_why_it_stopped():
@@ -19,39 +19,41 @@ def test_a_stage_is_settled_by_its_last_comparison_not_by_why_it_stopped():
     assert not stage_certainty(search_stage("cap", None, None, steps=3))["settled"]  # never compared
 
 
-def test_certainty_summary_and_warnings_name_the_stage_and_the_key():
+def test_only_the_gates_warn_and_the_warmup_figures_are_information():
     search = {"stage1": {**search_stage("cap", 0.88, 0.74, 50, 50), "planned_training_steps": 200}, "stage2": search_stage("settled", 0.99, 1.0, 16, 128)}
     summary = certainty(search)
     assert summary["settled"] is False
     assert summary["warmup"]["settled"] is False and summary["gates"]["settled"] is True
     assert summary["warmup"]["last_top75_jaccard"] == 0.74 and summary["warmup"]["compared_steps"] == [25, 50]
-    (warning,) = certainty_warnings(search)
-    assert "warm-up had not settled" in warning and "ran to its cap (50 of the 200 planned steps) after 50/50 steps" in warning
-    assert "Jaccard 0.74" in warning and "ila_warmup_fraction" in warning
+    assert certainty_warnings(search) == []  # the warm-up's verdict predicts nothing on the planted suite
+    warmup, gates = certainty_figures(search)
+    assert warmup == "warm-up: 50/50 steps (cap), order at step 50 against step 25: rank correlation 0.88, top-75% Jaccard 0.74: still moving"
+    assert gates.startswith("gates: 16/128 steps (settled)") and gates.endswith(": settled")
 
-    gates = {"stage1": search_stage("settled", 0.95, 0.95), "stage2": search_stage("cap", 0.5, 0.6, 128, 128)}
-    (warning,) = certainty_warnings(gates)
-    assert "gates had not settled" in warning and "ila_gate_steps" in warning
+    unsettled_gates = {"stage1": search_stage("settled", 0.95, 0.95), "stage2": search_stage("cap", 0.5, 0.6, 128, 128)}
+    (warning,) = certainty_warnings(unsettled_gates)
+    assert "gates had not settled" in warning and "ila_gate_steps" in warning and "Jaccard 0.60" in warning
 
     assert certainty_warnings({"stage1": search_stage("settled", 0.95, 0.95), "stage2": search_stage("cap", 0.95, 0.95)}) == []
-    assert certainty_warnings({"method": "combine"}) == []  # a combined ranking has no stages
+    assert certainty_warnings({"method": "combine"}) == [] and certainty_figures({"method": "combine"}) == []
 
 
-def test_show_says_plainly_when_the_warmup_had_not_settled(tmp_path, capsys):
+def test_show_gives_the_warmup_figures_without_a_warning(tmp_path, capsys):
     path = ranking_with_search(tmp_path, {"method": "ila", "stage1": search_stage("cap", 0.8, 0.7), "stage2": search_stage("settled", 0.99, 1.0)})
     assert main(["show", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "certainty NOT SETTLED" in out and "warm-up had not settled" in out and "ila_warmup_fraction" in out
+    assert "certainty warm-up: 50/50 steps (cap), order at step 50 against step 25: rank correlation 0.80, top-75% Jaccard 0.70: still moving" in out
+    assert "WARNING" not in out and "ila_warmup_fraction" not in out
     assert main(["show", str(path), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["certainty"]["settled"] is False and data["certainty"]["warmup"]["stop_reason"] == "cap"
 
 
-def test_show_says_settled(tmp_path, capsys):
-    path = ranking_with_search(tmp_path, {"method": "ila", "stage1": search_stage("settled", 0.95, 0.95), "stage2": search_stage("settled", 0.99, 1.0)})
+def test_show_warns_when_the_gates_had_not_settled(tmp_path, capsys):
+    path = ranking_with_search(tmp_path, {"method": "ila", "stage1": search_stage("settled", 0.95, 0.95), "stage2": search_stage("cap", 0.5, 0.6, 128, 128)})
     assert main(["show", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "certainty settled" in out and "NOT SETTLED" not in out
+    assert "WARNING: this ranking's gates had not settled" in out and "ila_gate_steps" in out
 
 
 def test_gates_with_lora_learning_change_the_lora_weights_and_frozen_gates_do_not(tmp_path):

@@ -23,7 +23,7 @@ from axolotl_ila.ranking.analysis import COMBINE_METHODS, combine, compare, top_
 from axolotl_ila.ranking.file import Ranking, RankingError, RankingFile, file_digest, load_ranking, locate_ranking, save_ranking
 from axolotl_ila.ranking.hub import is_hub_path
 from axolotl_ila.report.text import relearn_line, top_bottom_table
-from axolotl_ila.search.certainty import certainty, certainty_warnings
+from axolotl_ila.search.certainty import certainty, certainty_figures, certainty_warnings
 from axolotl_ila.selection import FUSED_GROUPS, Selection, SelectionError, importance_order, no_groups_note, select
 
 
@@ -98,9 +98,10 @@ def show_text(ranking: Ranking, selection: Selection, path: str | Path, top: int
     if isinstance(relearn, dict):
         lines.append(f"relearn   {relearn_line(relearn)}")
     if any(isinstance(search.get(stage), dict) for stage in ("stage1", "stage2")):
-        warnings = certainty_warnings(search)
-        lines.append("certainty " + ("settled: both stages' order had stopped moving" if not warnings else "NOT SETTLED"))
-        lines += [f"          {w}" for w in warnings]
+        figures = certainty_figures(search)
+        lines.append("certainty " + (figures[0] if figures else ""))
+        lines += [f"          {line}" for line in figures[1:]]
+        lines += [f"          WARNING: {w}" for w in certainty_warnings(search)]
     if search.get("method") == "combine":
         combined = search["combine"]
         lines.append(f"combined  {combined['method']} of {', '.join(i['path'] for i in combined['inputs'])}")

@@ -43,7 +43,7 @@ from axolotl_ila.search.certainty import certainty, certainty_warnings
 from axolotl_ila.search.gates import OrderSettle, curve, run_gates
 from axolotl_ila.search.relearn import demote, lora_restored, open_share
 from axolotl_ila.search.settings import SearchError, planned_steps, search_config, warmup_cap
-from axolotl_ila.search.warmup import FALLING_T_STAT, RankingProbe, lora_modules, loss_trend, update_norms, warmup_callback
+from axolotl_ila.search.warmup import FALLING_T_STAT, RankingProbe, lora_modules, loss_trend, probe_count, probe_interval, update_norms, warmup_callback
 
 LOG = logging.getLogger("axolotl.ila")
 
@@ -105,6 +105,7 @@ def search_ranking(cfg: Any, dataset_meta: Any, info: ModelInfo, keep_warm_state
         cfg.ila_gate_steps,
         method(cfg) or "supervised (SFT)",
     )
+    LOG.info("ILA search: %s", cost_line(cfg, cap, len(info.candidates), keep_warm_state))
     # Seed before the adapters exist: LoRA's A matrices are drawn at model load,
     # before the trainer seeds anything, and a search must be reproducible.
     seed = cfg.seed if cfg.seed is not None else 42
@@ -158,6 +159,24 @@ def search_ranking(cfg: Any, dataset_meta: Any, info: ModelInfo, keep_warm_state
     return SearchResult(ranking=ranking, warm=warm)
 
 
+def cost_line(cfg: Any, cap: int, modules: int, continuing: bool) -> str:
+    """What the search runs beside the training's own steps, counted in steps
+    (said before it starts, so that a user can weigh it)."""
+    every = probe_interval(int(cfg.ila_stability_window), cap, bool(cfg.ila_warmup_early_stop))
+    relearn = relearn_steps(cfg)
+    gates_min, gates_max = min(int(cfg.ila_gate_min_steps), int(cfg.ila_gate_steps)), int(cfg.ila_gate_steps)
+    gates = f"{gates_max}" if gates_min == gates_max else f"{gates_min}-{gates_max}"
+    warmup = (
+        f"the warm-up's {cap} steps train LoRA on all {modules} modules, not only the kept ones, and the training continues from them"
+        if continuing
+        else f"the warm-up's {cap} steps come before the training, which starts afresh"
+    )
+    return (
+        f"it adds {probe_count(every, cap)} probes, {relearn} re-learning steps and {gates} gate steps, each about "
+        f"one training step; {warmup}"
+    )
+
+
 def _warm_up(
     cfg: Any, scfg: Any, dataset_meta: Any, info: ModelInfo, total: int, cap: int, keep_warm_state: bool
 ) -> tuple[Any, dict[str, Any], dict[str, Any]]:
@@ -189,10 +208,10 @@ def _warm_up(
             f"check lora_target_modules / lora_target_linear."
         )
     layers = {name: layers[name] for name in info.candidates}
-    every = int(cfg.ila_stability_window)
+    early_stop = bool(cfg.ila_warmup_early_stop)
+    every = probe_interval(int(cfg.ila_stability_window), cap, early_stop)
     settle = OrderSettle(agreement=cfg.ila_settle_agreement, min_steps=min(int(cfg.ila_warmup_min_steps or 0), cap))
     losses: list[float] = []
-    early_stop = bool(cfg.ila_warmup_early_stop)
     callback = warmup_callback(RankingProbe(trainer, layers), settle, every, cap, losses, early_stop)
     trainer.add_callback(callback)
     trainer.train()

@@ -33,6 +33,24 @@ LOG = logging.getLogger("axolotl.ila")
 
 PROBE_SMOOTHING = 0.5  # weight of the newest probe in the running average
 
+# Without the early stop the probes decide nothing: they serve the certainty
+# record, which compares the last probed order with the one at half the steps.
+# A handful spread over the warm-up gives that, whatever its length.
+PROBES_WITHOUT_EARLY_STOP = 8
+
+
+def probe_interval(window: int, cap: int, early_stop: bool) -> int:
+    """Warm-up steps between two probes of the ranking: ``ila_stability_window``
+    with the early stop (it decides from them); without it, at most
+    ``PROBES_WITHOUT_EARLY_STOP`` over the warm-up, never closer than the window.
+
+    A probe changes nothing the training computes (it takes no weight gradient
+    and draws its batches from a loader of its own), so how many run changes
+    the search's cost, not its ranking."""
+    if early_stop:
+        return window
+    return max(window, math.ceil(cap / PROBES_WITHOUT_EARLY_STOP))
+
 
 def lora_modules(model: torch.nn.Module) -> dict[str, Any]:
     """Base-model unit name -> PEFT LoRA layer, in model order."""
@@ -114,8 +132,15 @@ def clearly_falling(losses: list[float]) -> bool:
     return trend is not None and trend["t_stat"] < -FALLING_T_STAT
 
 
+def probe_count(every: int, cap: int) -> int:
+    """How many probes a warm-up of ``cap`` steps runs (at step 1, every
+    ``every`` steps, and at ``cap``); an early stop runs fewer."""
+    return len({1, cap} | set(range(every, cap + 1, every)))
+
+
 def warmup_callback(probe: RankingProbe, settle: OrderSettle, every: int, cap: int, losses: list[float], early_stop: bool):
-    """Probes the ranking every ``every`` steps and stops the warm-up at ``cap``;
+    """Probes the ranking every ``every`` steps (and at ``cap``, the order the
+    certainty record compares) and stops the warm-up at ``cap``;
     with ``early_stop``, also once the probed ranking has settled and the loss
     is no longer clearly falling.
 
@@ -134,9 +159,9 @@ def warmup_callback(probe: RankingProbe, settle: OrderSettle, every: int, cap: i
 
         def on_step_end(self, args, state, control, **kwargs):
             step = state.global_step
-            if step % every == 0 or step == 1:
+            if step % every == 0 or step == 1 or step == cap:
                 settled = settle.add(step, probe())
-                if is_main_process() and step % every == 0:
+                if is_main_process() and step != 1:
                     last = settle.last or {}
                     trend = loss_trend(losses)
                     LOG.info(

@@ -333,6 +333,34 @@ def per_task(kept: Record, seeds: list[int], strategies: list[str]) -> str:
     return "\n".join(rows)
 
 
+def certainty_table(kept: Record, seeds: list[int], strategies: list[str]) -> str:
+    """How often each stage's "not settled" verdict (``search.certainty``)
+    marks the rankings that bought little (keep-k regret above 0.01) and how
+    often the others: a verdict worth a warning marks the first, not the second."""
+    from axolotl_ila.search.certainty import stage_certainty
+
+    rows = [f"{'strategy':20s} {'regret > 0.01':>14s} {'warm-up flags':>14s} {'gates flag':>11s}   {'others':>7s} {'warm-up flags':>14s} {'gates flag':>11s}"]
+    for name in strategies:
+        groups: dict[bool, list[tuple[bool, bool]]] = {True: [], False: []}
+        for seed in seeds:
+            task = task_for(seed)
+            result = finished(kept, task, name)
+            search = kept.get("searches", task.to_dict(), result["search_key"]) if result is not None else None
+            stages = (search or {}).get("ranking", {}).get("search", {})
+            if "stage1" not in stages or "stage2" not in stages:
+                continue  # not run, or no search stages (base_grad)
+            flags = (not stage_certainty(stages["stage1"])["settled"], not stage_certainty(stages["stage2"])["settled"])
+            groups[result["regret"] > 0.01].append(flags)
+        if not groups[True] and not groups[False]:
+            continue
+        bad, good = groups[True], groups[False]
+        rows.append(
+            f"{name:20s} {len(bad):14d} {sum(w for w, _ in bad):14d} {sum(g for _, g in bad):11d}   "
+            f"{len(good):7d} {sum(w for w, _ in good):14d} {sum(g for _, g in good):11d}"
+        )
+    return "\n".join(rows)
+
+
 def tables(kept: Record, seeds: list[int], strategies: list[str]) -> str:
     """What ``--table-only`` prints: a row per task, then a row per strategy."""
     return per_task(kept, seeds, strategies) + "\n\n" + table(kept, seeds, strategies)
@@ -371,6 +399,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--results", type=Path, default=RESULTS, help="the record's folder")
     parser.add_argument("--table-only", action="store_true", help="print the tables of what the record holds, run nothing")
     parser.add_argument("--docs-tables", action="store_true", help="print every table of docs/planted.md from the record, run nothing")
+    parser.add_argument("--certainty", action="store_true", help="print how often the certainty verdicts mark the rankings that bought little, run nothing")
     parser.add_argument("--jobs", type=int, default=1, help="tasks run at once, each in a process of its own on one thread (at most the cores)")
     return parser
 
@@ -397,8 +426,11 @@ def main() -> None:
         for line, printed in zip(DOCS_TABLES, docs_tables(args.results)):
             print(f"$ python -m benchmarks.planted.run --table-only {line}\n{printed}\n")
         return
-    quiet()
     seeds = seeds_of(args)
+    if args.certainty:
+        print(certainty_table(Record(args.results), seeds, args.strategies))
+        return
+    quiet()
     if not args.table_only:
         if args.jobs == 1:
             for seed in seeds:
