@@ -139,6 +139,30 @@ def test_a_gate_scales_the_expert_update_and_learns_from_it():
     assert score2.grad is not None and score2.grad != 0
 
 
+def test_a_gate_of_g_gives_exactly_the_expert_update_scaled_by_g():
+    """Whichever way the installed peft computes the experts' update (peft 0.20:
+    get_delta_weight; 0.21: the low-rank factors of get_delta_factors, folded
+    into the parameter), the gate scales that update and only that."""
+    model = peft_moe()
+    model.eval()
+    ids = torch.randint(0, 64, (2, 8))
+    layers = {n: l for n, l in lora_layers(model).items() if "experts" in n}
+    g = 0.3
+    handles = [install_gate(layer, lambda: torch.tensor(g)) for layer in layers.values()]
+    try:
+        with torch.no_grad():
+            gated = model(input_ids=ids).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_B["default"].weight.mul_(g)
+        scaled = model(input_ids=ids).logits
+    assert torch.allclose(gated, scaled, atol=1e-5)
+    assert all("get_delta_weight" not in vars(layer) and "get_delta_factors" not in vars(layer) for layer in layers.values())
+
+
 PHI3 = [f"model.layers.{b}.{k}" for b in range(2) for k in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")]
 LLAMA = [f"model.layers.{b}.{k}" for b in range(2) for k in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
 

@@ -6,10 +6,14 @@ Two kinds of layer need two ways:
 - ``lora.Linear`` (on ``nn.Linear`` or ``Conv1D``) computes
   ``lora_B(lora_A(x)) * scaling``; the gate multiplies ``lora_B``'s output.
 - ``lora.ParamWrapper`` (on a 3-D expert parameter, ``target_parameters``)
-  never calls ``lora_B``: it adds ``get_delta_weight()`` to the parameter for the
-  duration of the forward. The gate multiplies that delta instead. Its LoRA
-  matrices hold one rank-r block per expert, so the update's norm is taken
-  expert by expert, as PEFT's ``get_delta_weight`` lays them out.
+  never calls ``lora_B``: it adds its update to the parameter for the duration
+  of the forward, computed by ``get_delta_weight()`` (peft 0.20), or, from
+  peft 0.21 on, for one adapter on several experts, as the low-rank factors of
+  ``get_delta_factors()`` that it folds into the parameter with one ``baddbmm``.
+  The gate multiplies whichever of the two the installed peft has (both where
+  it has both: it picks one per forward). Its LoRA matrices hold one rank-r
+  block per expert, so the update's norm is taken expert by expert, as PEFT
+  lays them out.
 """
 
 from __future__ import annotations
@@ -60,21 +64,43 @@ def update_norm(layer: Any, adapter: str = "default") -> float:
 
 
 class _DeltaGate:
-    """Scales a ParamWrapper's delta weight while installed; ``remove()`` undoes it."""
+    """Scales a ParamWrapper's update while installed; ``remove()`` undoes it.
+
+    Every method through which the installed peft computes the update is gated
+    (``DELTA_METHODS``, those the layer has): gating only ``get_delta_weight``
+    on a peft that forwards through ``get_delta_factors`` would scale nothing,
+    and the experts would be ranked on a zero gradient."""
+
+    DELTA_METHODS = ("get_delta_weight", "get_delta_factors")
 
     def __init__(self, layer: Any, gate: Callable[[], torch.Tensor]):
         self.layer = layer
-        original = layer.get_delta_weight  # the class's method, bound
+        self.methods = [name for name in self.DELTA_METHODS if hasattr(layer, name)]
+        for name in self.methods:
+            # An instance attribute shadows the class's method.
+            setattr(layer, name, getattr(self, f"_gated_{name}")(getattr(layer, name), gate))
 
+    @staticmethod
+    def _gated_get_delta_weight(original, gate):
         def gated(adapter_name, *args, **kwargs):
             delta = original(adapter_name, *args, **kwargs)
             return delta * gate().to(delta.dtype)
 
-        layer.get_delta_weight = gated  # an instance attribute shadows the method
+        return gated
+
+    @staticmethod
+    def _gated_get_delta_factors(original, gate):
+        # (lhs, rhs, scaling) with update = scaling * lhs @ rhs: gating one factor gates the update.
+        def gated(adapter_name, *args, **kwargs):
+            lhs, rhs, scaling = original(adapter_name, *args, **kwargs)
+            return lhs * gate().to(lhs.dtype), rhs, scaling
+
+        return gated
 
     def remove(self) -> None:
-        if "get_delta_weight" in vars(self.layer):
-            del self.layer.get_delta_weight
+        for name in self.methods:
+            if name in vars(self.layer):
+                delattr(self.layer, name)
 
 
 def install_gate(layer: Any, gate: Callable[[], torch.Tensor], adapter: str = "default"):
