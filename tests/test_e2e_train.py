@@ -106,24 +106,41 @@ def test_full_finetuning_searches_then_freezes_exactly_the_dropped_weights(tiny_
         assert not (tuned[f"{name}.weight"] == base[f"{name}.weight"]).all(), f"{name} did not train"
 
 
+def neox_head_is_targeted() -> bool:
+    """Does the installed axolotl's ``lora_target_linear`` adapt GPT-NeoX's ``lm_head``?
+
+    axolotl leaves out the output embedding that ``get_linear_embedding_layers``
+    names: 0.19 names GPT-NeoX's ``embed_out``, which transformers 5's GPT-NeoX
+    does not have (its head is ``lm_head``), so the head is adapted; 0.20+
+    names ``lm_head``, so it is not. The candidates must follow what the
+    user's LoRA adapts either way."""
+    from axolotl.loaders.utils import get_linear_embedding_layers
+
+    return get_linear_embedding_layers("gpt_neox")[1] != "lm_head"
+
+
 def test_gpt_neox_search_and_selection(tiny_neox, tmp_path):
     ranking_path = tmp_path / "neox.json"
     cfg = make_config(tiny_neox, tmp_path, ila_ranking=str(ranking_path), ila_gate_steps=8, ila_drop_fraction=0.5)
     run_train(write_config(cfg, tmp_path / "config.yml"))
     ranking = load_ranking(ranking_path)
-    # axolotl's lora_target_linear keeps GPT-NeoX's head (it only removes one named
-    # embed_out), so the candidates are what the user's LoRA adapts: 16 + lm_head.
-    assert {name.rsplit(".", 1)[-1] for name in ranking.names} == {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h", "lm_head"}
+    # The candidates are what the user's LoRA adapts: the 16 block modules, and
+    # lm_head where axolotl's lora_target_linear adapts it.
+    head = {"lm_head"} if neox_head_is_targeted() else set()
+    assert {name.rsplit(".", 1)[-1] for name in ranking.names} == {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"} | head
+    assert len(ranking.names) == 16 + len(head)
     assert all(name.startswith("gpt_neox.layers.") or name == "lm_head" for name in ranking.names)
-    assert adapter_modules(tmp_path / "run") == set(ranking.names[:8])  # 17 modules, drop round(8.5) = 9
+    # 17 modules: drop round(8.5) = 9; 16: drop 8.
+    assert adapter_modules(tmp_path / "run") == set(ranking.names[:8])
 
 
 def test_unranked_strategy_last_drops_the_deepest_block(tiny_neox, tmp_path):
-    # 17 candidates (16 in blocks + lm_head, which counts as deepest); 0.3 drops 5.
+    # 17 candidates (16 in blocks + lm_head, which counts as deepest) or 16
+    # (neox_head_is_targeted); 0.3 drops 5 of either.
     cfg = make_config(tiny_neox, tmp_path, ila_strategy="last", ila_drop_fraction=0.3, max_steps=2)
     run_train(write_config(cfg, tmp_path / "config.yml"))
     adapted = adapter_modules(tmp_path / "run")
-    assert len(adapted) == 12
+    assert len(adapted) == (12 if neox_head_is_targeted() else 11)
     assert not any(".layers.3." in name or name == "lm_head" for name in adapted)
 
 
