@@ -6,9 +6,14 @@ messages tested here are the ones users see; a refused config writes nothing.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 
 import pytest
+from packaging.version import Version
+
+# axolotl 0.20 removed FSDP1 and made fsdp_version default to 2.
+AXOLOTL_020 = Version(importlib.metadata.version("axolotl")) >= Version("0.20")
 
 # -- accepted --------------------------------------------------------------------
 
@@ -96,8 +101,26 @@ def test_unfrozen_parameters_with_full_fine_tuning(refused):
     )
 
 
+@pytest.mark.skipif(
+    AXOLOTL_020,
+    reason="axolotl 0.20+ removed FSDP1: an fsdp_config without fsdp_version is FSDP2 there "
+    "(test_an_fsdp_config_without_a_version_is_fsdp2_from_axolotl_020)",
+)
 def test_fsdp1_is_refused_at_config_load(refused):
     refused(r"supports FSDP version 2 only \(fsdp_version: 2\)", fsdp_config={"auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "transformer_layer_cls_to_wrap": "LlamaDecoderLayer"})
+
+
+@pytest.mark.skipif(
+    not AXOLOTL_020,
+    reason="on axolotl 0.19 an fsdp_config without fsdp_version is FSDP1, which ILA refuses "
+    "(test_fsdp1_is_refused_at_config_load)",
+)
+def test_an_fsdp_config_without_a_version_is_fsdp2_from_axolotl_020(load):
+    from axolotl_ila.runtime.engines import engine
+
+    cfg = load(fsdp_config={"transformer_layer_cls_to_wrap": "LlamaDecoderLayer", "state_dict_type": "SHARDED_STATE_DICT"})
+    assert engine(cfg) == "fsdp2"
+    assert engine({"fsdp_config": {"reshard_after_forward": True}}) == "fsdp2"  # the raw config, before validation
 
 
 def test_continuing_under_fsdp2_with_a_full_state_dict_is_refused(refused):
@@ -224,8 +247,9 @@ def test_engine_of_a_raw_or_validated_config():
     assert engine({"fsdp_config": {"fsdp_version": 2}}) == "fsdp2"
     assert engine({"fsdp_config": {"version": "2"}}) == "fsdp2"
     assert engine({"fsdp_version": 2, "fsdp_config": {}}) == "fsdp2"
-    assert engine({"fsdp_config": {"reshard_after_forward": True}}) == "fsdp1"  # axolotl's default version
-    assert engine({"fsdp": ["full_shard"]}) == "fsdp1"
+    # No version: axolotl's default, FSDP1 on 0.19, FSDP2 from 0.20 on (which removed FSDP1).
+    assert engine({"fsdp_config": {"reshard_after_forward": True}}) == ("fsdp2" if AXOLOTL_020 else "fsdp1")
+    assert engine({"fsdp": ["full_shard"], "fsdp_version": 1}) == "fsdp1"
     assert engine({"deepspeed": "zero2.json", "fsdp_config": {"fsdp_version": 2}}) == "deepspeed"
     assert fsdp_state_dict_type({"fsdp_config": {"fsdp_state_dict_type": "SHARDED_STATE_DICT"}}) == "SHARDED_STATE_DICT"
 

@@ -17,6 +17,7 @@ validated config alike.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,14 +33,26 @@ def _fsdp_block(cfg: Any) -> Mapping | None:
     return block if isinstance(block, Mapping) else None
 
 
+@functools.cache
+def default_fsdp_version() -> int:
+    """The FSDP version of a config that names none: the installed axolotl's
+    schema default for ``fsdp_version``. axolotl 0.19 has none (accelerate then
+    runs FSDP1); 0.20+ has 2 (it removed FSDP1)."""
+    from axolotl.utils.schemas.config import AxolotlInputConfig
+
+    return 2 if str(AxolotlInputConfig.model_fields["fsdp_version"].default) == "2" else 1
+
+
 def fsdp_version(cfg: Any) -> int | None:
-    """1 or 2 for an FSDP run (axolotl's default is 1), None without FSDP."""
+    """1 or 2 for an FSDP run (unset: ``default_fsdp_version``), None without FSDP."""
     block = _fsdp_block(cfg)
     if block is None and not cfg.get("fsdp") and not cfg.get("fsdp_config"):
         return None
     version = cfg.get("fsdp_version")
     if version is None and block is not None:
         version = block.get("fsdp_version", block.get("version"))
+    if version is None:
+        return default_fsdp_version()
     return 2 if str(version) == "2" else 1
 
 
