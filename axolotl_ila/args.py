@@ -7,6 +7,7 @@ check here runs at config load, before any dataset or weight is touched.
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
@@ -336,11 +337,13 @@ def check_continuation(data: dict[str, Any], adapter: str | None) -> None:
 
 
 def _is_spectrum(plugin: Any) -> bool:
-    """axolotl's Spectrum plugin (``axolotl.integrations.spectrum.SpectrumPlugin``).
+    """axolotl's Spectrum plugin, named as axolotl's loader takes a plugin:
+    ``axolotl.integrations.spectrum.SpectrumPlugin``, or (axolotl 0.21+, the
+    entry-point form) ``axolotl.integrations.spectrum:SpectrumPlugin``.
 
     Refused with LoRA too: there its patterns match no PEFT name and nothing trains.
     """
-    return isinstance(plugin, str) and plugin.rsplit(".", 1)[-1] == "SpectrumPlugin"
+    return isinstance(plugin, str) and re.split(r"[.:]", plugin)[-1] == "SpectrumPlugin"
 
 
 def fused_groups(cfg: Any) -> tuple[str, ...]:

@@ -94,14 +94,49 @@ def spectrum_unregistered():
     PluginManager.get_instance().plugins.pop(SPECTRUM, None)
 
 
+def loader_takes_module_colon_class() -> bool:
+    """axolotl 0.21's plugin loader also takes ``module:Class`` (the entry-point
+    form) and registers it under the dotted name; 0.19's takes only ``module.Class``."""
+    import axolotl.integrations.base
+
+    return hasattr(axolotl.integrations.base, "normalize_plugin_name")
+
+
+SPECTRUM_COLON = "axolotl.integrations.spectrum:SpectrumPlugin"
+
+
 @pytest.mark.parametrize("adapter", [None, "lora"])
-def test_spectrum_and_ila_in_one_config_are_refused_at_config_load(refused, spectrum_unregistered, adapter):
+@pytest.mark.parametrize(
+    "name",
+    [
+        SPECTRUM,
+        pytest.param(
+            SPECTRUM_COLON,
+            marks=pytest.mark.skipif(
+                not loader_takes_module_colon_class(),
+                reason="axolotl 0.19's loader takes plugins as module.Class only; the module:Class form "
+                "came with 0.21 (test_spectrum_is_recognised_in_the_module_colon_class_form checks ILA's "
+                "check itself on every version)",
+            ),
+        ),
+    ],
+)
+def test_spectrum_and_ila_in_one_config_are_refused_at_config_load(refused, spectrum_unregistered, adapter, name):
     refused(
-        rf"{re.escape(SPECTRUM)} and axolotl_ila.ILAPlugin both decide which layers train; remove one",
+        rf"{re.escape(name)} and axolotl_ila.ILAPlugin both decide which layers train; remove one",
         adapter=adapter,
-        plugins=["axolotl_ila.ILAPlugin", SPECTRUM],
+        plugins=["axolotl_ila.ILAPlugin", name],
         spectrum_model_name="tiny/llama",
     )
+
+
+def test_spectrum_is_recognised_in_the_module_colon_class_form():
+    """ILA's check reads the raw config's plugin names, in either form the
+    loader of some axolotl version takes."""
+    from axolotl_ila.args import check_combination
+
+    with pytest.raises(ValueError, match=rf"{re.escape(SPECTRUM_COLON)} and axolotl_ila.ILAPlugin both decide which layers train"):
+        check_combination({"adapter": "lora", "ila_strategy": "first", "plugins": ["axolotl_ila.ILAPlugin", SPECTRUM_COLON]})
 
 
 @pytest.mark.parametrize("excludes", [["model.layers.0.mlp.down_proj"], r".*\.layers\.0\.mlp\.down_proj"])
