@@ -22,6 +22,9 @@ accelerate itself starts DeepSpeed; DeepSpeed's CPU accelerator does the rest).
 It also skips building DeepSpeed's shared-memory comm op, which only inference
 uses (``_no_shm_comm_op``).
 
+With PyPI's CUDA build of torch (and no GPU), axolotl's check for GPU P2P
+support before training needs the answer the CPU build gives (``_cpu_p2p_check``).
+
 FSDP2 (``fsdp_version: 2``) needs three more redirections, each only of where
 things live, never of what axolotl or accelerate do with them: axolotl builds
 its device mesh for "cuda" (here: "cpu", gloo); accelerate makes CPU ranks
@@ -150,6 +153,31 @@ def _no_shm_comm_op() -> None:
     backend.build_shm_op = lambda: None
 
 
+def _cpu_p2p_check() -> None:
+    """Every run: before training, axolotl asks whether rank LOCAL_RANK's GPU can
+    reach a peer GPU (``prepare_optim_env`` -> ``check_cuda_p2p_ib_support`` ->
+    ``check_cuda_p2p_support`` -> ``torch.cuda.can_device_access_peer``). With a
+    CPU build of torch (the 3.11 leg) that query raises the AssertionError axolotl
+    catches and reads as "P2P fine"; with PyPI's CUDA build and no GPU (the 3.12
+    leg) it raises "Found no NVIDIA driver", which stops every rank. On ranks that
+    have no CUDA device, the answer here is the CPU build's: there is no GPU peer
+    whose P2P could be broken (it would only set NCCL_P2P_DISABLE, which gloo
+    ignores)."""
+    import torch
+
+    import axolotl.utils.environment
+
+    original = axolotl.utils.environment.check_cuda_p2p_support
+
+    def check_cuda_p2p_support() -> bool:
+        if torch.cuda.device_count() == 0:
+            return True
+        return original()
+
+    # check_cuda_p2p_ib_support calls the module's global by name.
+    axolotl.utils.environment.check_cuda_p2p_support = check_cuda_p2p_support
+
+
 def _config_uses_deepspeed(config: str) -> bool:
     import yaml
 
@@ -274,6 +302,7 @@ def main(config: str) -> None:
     patched = _cpu_normalize_config(axolotl.utils.config.normalize_config)
     axolotl.utils.config.normalize_config = patched
     axolotl.cli.config.normalize_config = patched
+    _cpu_p2p_check()
     _cpu_device_mesh()
     _cpu_fsdp()
     _cpu_qlora_fsdp_device_map()
