@@ -483,19 +483,24 @@ def ranking_with_search(tmp_path, search):
 
 
 class TinyTrainer:
-    """What run_gates reads from a trainer: the model, a dataloader, compute_loss."""
+    """What run_gates reads from a trainer: the model, a dataloader, its
+    micro-batches per step (``get_batch_samples``, without a label count: the
+    loss is each micro-batch's mean, as on axolotl 0.19), compute_loss."""
 
     def __init__(self, model, batches):
         from contextlib import nullcontext
         from types import SimpleNamespace
 
         self.model = model
-        self.args = SimpleNamespace(gradient_accumulation_steps=1)
+        self.args = SimpleNamespace(gradient_accumulation_steps=1, device="cpu")
         self._batches = batches
         self.compute_loss_context_manager = nullcontext
 
     def get_train_dataloader(self):
         return self._batches
+
+    def get_batch_samples(self, batches, num_batches, device):
+        return [next(batches) for _ in range(num_batches)], None
 
     def compute_loss(self, model, batch):
         return model(**batch).loss

@@ -101,3 +101,54 @@ def test_the_warmup_does_not_stop_while_the_loss_is_clearly_falling():
     # Without ila_warmup_early_stop (the default) a settled order and a flat
     # loss do not stop it: the warm-up runs its whole length.
     assert stop_step(flat, early_stop=False) is None
+
+
+@pytest.mark.parametrize("accepts_loss_kwargs", [True, False])
+def test_the_gates_weigh_micro_batches_as_the_trainers_own_training_step(tiny_llama, tmp_path, accepts_loss_kwargs):
+    """Under gradient accumulation the gates take the gradient the trainer's own
+    training step takes over the same micro-batches, however the installed
+    trainer weighs them: every label token alike (the model's loss takes
+    num_items_in_batch: transformers' default, and axolotl 0.21's), or every
+    micro-batch's mean alike (axolotl 0.19 turns the former off for PEFT models).
+    The two micro-batches here have 6 and 28 label tokens, so the two differ."""
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from axolotl_ila.search.gates import step_losses
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama["model"]))
+    args = TrainingArguments(output_dir=str(tmp_path), gradient_accumulation_steps=2, per_device_train_batch_size=2, report_to=[], use_cpu=True)
+    trainer = Trainer(model=model, args=args)
+    trainer.model_accepts_loss_kwargs = accepts_loss_kwargs
+    trainer.current_gradient_accumulation_steps = 2  # what the training loop sets
+
+    def micro_batch(label_tokens: int) -> dict[str, torch.Tensor]:
+        ids = torch.randint(3, 100, (2, 16))
+        labels = ids.clone()
+        labels[:, : 16 - label_tokens // 2] = -100  # label_tokens // 2 per row
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+    batches = [micro_batch(6), micro_batch(28)]
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def gradient(run) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        run()
+        return [p.grad.detach().clone() for p in params]
+
+    def training() -> None:
+        samples, num_items = trainer.get_batch_samples(iter(batches), 2, args.device)
+        for batch in samples:
+            trainer.training_step(model, batch, num_items)
+
+    def gates() -> None:
+        model.train()
+        for loss in step_losses(trainer, model, iter(batches), 2):
+            loss.backward()
+
+    expected, got = gradient(training), gradient(gates)
+    assert all(torch.allclose(g, e, rtol=1e-4, atol=1e-7) for g, e in zip(got, expected))
+    # The weighting matters here: equal micro-batch means give another gradient than equal tokens.
+    trainer.model_accepts_loss_kwargs = not accepts_loss_kwargs
+    other = gradient(training)
+    assert not all(torch.allclose(g, e, rtol=1e-4, atol=1e-7) for g, e in zip(other, expected))

@@ -178,9 +178,40 @@ def cycle_batches(dataloader) -> Iterator[Any]:
             raise SearchError("the training dataloader is empty; check datasets and sequence_len.")
 
 
-def gate_loss(trainer: Any, model: Any, batch: Any):
+def gate_loss(trainer: Any, model: Any, batch: Any, num_items_in_batch: Any = None):
+    kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
     with trainer.compute_loss_context_manager():
-        return trainer.compute_loss(model, batch)
+        return trainer.compute_loss(model, batch, **kwargs)
+
+
+def _loss_is_scaled_for_ga(trainer: Any, num_items_in_batch: Any) -> bool:
+    """Whether the trainer's ``compute_loss`` already normalises a micro-batch's
+    loss over the whole accumulated batch, as ``training_step`` decides it:
+    transformers 5.20+ lets a trainer say so (``loss_is_scaled_for_ga``);
+    otherwise it is when the loss was divided by ``num_items_in_batch``."""
+    explicit = getattr(trainer, "loss_is_scaled_for_ga", None)
+    if explicit is not None:
+        return bool(explicit)
+    accepts = getattr(trainer, "model_accepts_loss_kwargs", False)
+    return bool((accepts and num_items_in_batch is not None) or getattr(trainer, "compute_loss_func", None) is not None)
+
+
+def step_losses(trainer: Any, model: Any, batches: Iterator[Any], accumulation: int) -> Iterator[Any]:
+    """The losses of one optimizer step's micro-batches, each weighted as the
+    trainer's own training step weighs it, so that the gates learn on the
+    objective the training optimises.
+
+    The micro-batches and their label count come from the trainer
+    (``get_batch_samples``, as its training loop takes them). Where the trainer
+    normalises by that count (axolotl 0.21: the model's loss takes
+    ``num_items_in_batch``), every label token of the accumulated batch weighs
+    the same; where it does not (axolotl 0.19 turns it off for PEFT models),
+    every micro-batch's mean weighs 1/accumulation."""
+    samples, num_items = trainer.get_batch_samples(batches, accumulation, trainer.args.device)
+    scaled = _loss_is_scaled_for_ga(trainer, num_items)
+    for batch in samples:
+        loss = gate_loss(trainer, model, batch, num_items)
+        yield loss if scaled else loss / accumulation
 
 
 # Observers of the gate stage: called at every settle check with the pass's
@@ -244,10 +275,9 @@ def run_gates(
     try:
         for step in bar:
             total = 0.0
-            for _ in range(accumulation):
-                loss = gate_loss(trainer, model, next(batches))
-                (loss / accumulation).backward()
-                total += float(loss.detach()) / accumulation
+            for loss in step_losses(trainer, model, batches, accumulation):
+                loss.backward()
+                total += float(loss.detach())
             update.step()
             if lora_optimizer is not None:
                 for param in lora_params:
