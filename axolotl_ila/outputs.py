@@ -12,7 +12,7 @@ from typing import Any
 from axolotl_ila.args import output_dir
 from axolotl_ila.atomic import write_bytes_atomic, write_json_atomic
 from axolotl_ila.ranking.file import Ranking, RankingError, RankingFile, check_writable, load_ranking, save_ranking
-from axolotl_ila.record import RECORD_NAME
+from axolotl_ila.record import RECORD_NAME, read_record
 from axolotl_ila.selection import SelectionError
 
 LOG = logging.getLogger("axolotl.ila")
@@ -85,6 +85,33 @@ def write_record(plan: Any, output_dir: str | Path) -> Path:
     path = Path(output_dir) / RECORD_NAME
     write_json_atomic(path, plan.record())
     return path
+
+
+def carry_into_merged(adapter_dir: str | Path, merged_dir: str | Path) -> list[Path]:
+    """The selection record beside a trained adapter, and the ranking copy it
+    names, copied byte for byte into the folder of the model merged from that
+    adapter (``axolotl merge-lora``), so that the merged model still says which
+    modules its update covers and why. Returns the files written; an empty
+    list where ``adapter_dir`` has no record (an adapter trained without ILA)."""
+    source = Path(adapter_dir) / RECORD_NAME
+    if not source.is_file():
+        return []
+    record, _ = read_record(source)
+    names = [RECORD_NAME]
+    copy = (record.get("ranking") or {}).get("copy")
+    if copy:
+        if not (Path(adapter_dir) / copy).is_file():
+            raise SelectionError(
+                f"{source} names the ranking copy {copy}, which is not in {adapter_dir}; copy the ranking the "
+                f"training used there as {copy} (its sha256 is in the record) and merge again"
+            )
+        names.append(copy)
+    written = []
+    for name in names:
+        target = Path(merged_dir) / name
+        write_bytes_atomic(target, (Path(adapter_dir) / name).read_bytes())
+        written.append(target)
+    return written
 
 
 def model_card_note(plan: Any, cfg: Any) -> str:

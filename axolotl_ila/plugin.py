@@ -18,6 +18,9 @@ Hook order in ``axolotl.cli.train``:
     post_train        the training finished: remove a warm-up checkpoint that a
                       run without checkpoints (save_strategy: no) no longer needs
 
+``axolotl merge-lora`` (axolotl 0.21+ only): ``post_lora_merge`` copies the
+selection record and the ranking copy into the merged model's folder.
+
 Preference training (``rl:``) applies and verifies at ``post_trainer_create``
 only: there TRL has wrapped the policy (dpo, ipo, kto), and the reference model
 axolotl may load through the same hooks is told apart (see ``preference``).
@@ -44,9 +47,10 @@ from axolotl_ila.candidates import ModelInfo, keep_users_own, user_excludes
 from axolotl_ila.handoff.lifecycle import align_with_training, handoff_checkpoints, remove_after_training
 from axolotl_ila.handoff.verify import handoff_check_callback
 from axolotl_ila.handoff.zero import install_resume, is_deepspeed_trainer
-from axolotl_ila.outputs import model_card_note, write_record
+from axolotl_ila.outputs import carry_into_merged, model_card_note, write_record
 from axolotl_ila.plan import Plan, kernel_warnings, resolve_plan
 from axolotl_ila.preference import method, verify_reference
+from axolotl_ila.record import RECORD_NAME
 from axolotl_ila.runtime.distributed import is_main_process, on_main
 from axolotl_ila.search.settings import IN_SEARCH_KEY
 from axolotl_ila.selection import RANKED_STRATEGIES
@@ -191,6 +195,25 @@ class ILAPlugin(BasePlugin):
         if is_main_process():
             remove_after_training(output_dir(cfg), self._save_strategy)
         self._save_strategy = None  # once
+
+    def post_lora_merge(self, cfg, adapter_path: str, output_path: str) -> None:
+        """``axolotl merge-lora`` saved the merged model (axolotl 0.21+; older
+        versions have no such hook and never call it): carry the selection record
+        and the ranking copy from the adapter's folder into the merged model's."""
+        if not is_main_process():
+            return
+        written = carry_into_merged(adapter_path, output_path)
+        if written:
+            LOG.info("ILA: %s copied into the merged model at %s", ", ".join(p.name for p in written), output_path)
+        else:
+            LOG.warning(
+                "ILA: %s has no %s, so the merged model at %s carries no record of which modules were trained "
+                "(was the adapter trained with axolotl_ila.ILAPlugin? lora_model_dir must be the training's "
+                "output_dir, where the record is written)",
+                adapter_path,
+                RECORD_NAME,
+                output_path,
+            )
 
     def _apply_to_preference_trainer(self, cfg, trainer) -> None:
         """The policy is ``trainer.model`` (wrapped by TRL for dpo/ipo/kto); the

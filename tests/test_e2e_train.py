@@ -7,7 +7,7 @@ saved adapter weights, which base weights changed, what was recorded.
 from __future__ import annotations
 
 import pytest
-from helpers import adapter_modules, load_tensors, make_config, read_json, run_train, write_config
+from helpers import adapter_modules, load_tensors, make_config, read_json, run_python, run_train, write_config
 
 from axolotl_ila.ranking.file import load_ranking
 from axolotl_ila.selection import importance_order, select
@@ -211,3 +211,41 @@ def test_bad_input_stops_before_any_work_and_writes_nothing(tiny_llama, tmp_path
         assert not ranking.exists()
     else:
         assert ranking.read_text() == existing
+
+
+def has_post_lora_merge() -> bool:
+    from axolotl.integrations.base import BasePlugin
+
+    return hasattr(BasePlugin, "post_lora_merge")
+
+
+@pytest.mark.skipif(
+    not has_post_lora_merge(),
+    reason="axolotl 0.19's merge-lora calls no plugin hook after saving (post_lora_merge came with 0.21); "
+    "test_the_record_and_ranking_are_carried_into_a_merged_models_folder runs ILA's copy on every version",
+)
+def test_merge_lora_carries_the_record_and_ranking_into_the_merged_model(searched, tmp_path):
+    run_dir = searched["out"] / "run"
+    cfg = {**searched["cfg"], "lora_model_dir": str(run_dir), "output_dir": str(tmp_path / "merge")}
+    result = run_python(["-m", "axolotl.cli.merge_lora", str(write_config(cfg, tmp_path / "merge.yml"))], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-8000:]
+    merged = tmp_path / "merge" / "merged"
+    assert any(merged.glob("*.safetensors"))  # axolotl's merge itself
+    assert (merged / "ila_selection.json").read_bytes() == (run_dir / "ila_selection.json").read_bytes()
+    assert (merged / "ila_ranking.json").read_bytes() == searched["ranking"].read_bytes()
+
+
+def test_the_record_and_ranking_are_carried_into_a_merged_models_folder(searched, tmp_path):
+    from axolotl_ila.outputs import carry_into_merged
+    from axolotl_ila.selection import SelectionError
+
+    run_dir = searched["out"] / "run"
+    written = carry_into_merged(run_dir, tmp_path / "merged")
+    assert sorted(p.name for p in written) == ["ila_ranking.json", "ila_selection.json"]
+    assert (tmp_path / "merged" / "ila_ranking.json").read_bytes() == searched["ranking"].read_bytes()
+    assert carry_into_merged(tmp_path / "no-record", tmp_path / "merged-2") == []  # an adapter trained without ILA
+    adapter = tmp_path / "copy-missing"
+    adapter.mkdir()
+    (adapter / "ila_selection.json").write_bytes((run_dir / "ila_selection.json").read_bytes())
+    with pytest.raises(SelectionError, match=r"names the ranking copy ila_ranking.json, which is not in .*copy-missing"):
+        carry_into_merged(adapter, tmp_path / "merged-3")
