@@ -7,6 +7,8 @@ Hook order in ``axolotl.cli.train``:
     pre_model_load    same decision, for entry points that skip load_datasets
     post_model_build  the model exists, adapters do not: check it is the model the
                       plan was made for; tell PEFT to skip the dropped modules
+    post_lora_load    (the search's own model only) keep PEFT's LoRA draws, which
+                      post_model_load puts back if axolotl drew them again
     post_model_load   adapters exist: verify them (LoRA) or freeze the dropped
                       weights (full fine-tuning); record the selection
     add_callbacks_pre_trainer  for a training that starts from a search's warm-up
@@ -53,6 +55,7 @@ from axolotl_ila.preference import method, verify_reference
 from axolotl_ila.record import RECORD_NAME
 from axolotl_ila.runtime.distributed import is_main_process, on_main
 from axolotl_ila.search.settings import IN_SEARCH_KEY
+from axolotl_ila.search.warmup import PeftInit
 from axolotl_ila.selection import RANKED_STRATEGIES
 
 LOG = logging.getLogger("axolotl.ila")
@@ -75,6 +78,7 @@ class ILAPlugin(BasePlugin):
         self._datasets: Any = None
         self._handoff_check: Any = None
         self._save_strategy: Any = None
+        self._peft_init = PeftInit()  # the search's LoRA starts from PEFT's draws
 
     def get_input_args(self) -> str:
         return "axolotl_ila.args.ILAArgs"
@@ -138,8 +142,15 @@ class ILAPlugin(BasePlugin):
             kept_experts = [name for name in plan.selection.kept if name in experts]
             cfg.lora_target_parameters = peft_target_parameters(cfg, kept_experts)
 
+    def post_lora_load(self, cfg, model):
+        if cfg.get(IN_SEARCH_KEY):
+            self._peft_init.take(model)
+
     def post_model_load(self, cfg, model):
         if cfg.get(IN_SEARCH_KEY):
+            restored = self._peft_init.restore(model)
+            if restored:
+                LOG.info("ILA search: the warm-up starts from PEFT's LoRA initialisation (%d LoRA A matrices that axolotl drew again put back)", restored)
             return
         plan = self._ensure_plan(cfg)
         if cfg.rl:

@@ -65,6 +65,48 @@ def update_norms(layers: dict[str, Any], adapter: str = "default") -> dict[str, 
     return {name: update_norm(layer, adapter) for name, layer in layers.items()}
 
 
+class PeftInit:
+    """The warm-up starts from PEFT's own LoRA draws from the search seed, on
+    every axolotl version.
+
+    axolotl 0.21+ draws every LoRA A matrix again after PEFT has made it
+    (``ModelLoader._reinit_lora_from_seed``: one generator per module, seeded
+    from ``seed`` and the module's name); 0.19 keeps PEFT's. The same config and
+    seed would then warm up from another start on each version, and on a task
+    whose ranking separates two modules by little, rank differently (the
+    planted task 15 of tests/test_planted.py: a block-1 gate_proj ahead of a
+    block-0 down_proj by 0.001 with PEFT's draws, behind it with axolotl 0.21's;
+    everything else about the two searches is the same to the last digit).
+    ``take`` keeps PEFT's draws as the adapters are made (``post_lora_load``,
+    which both versions call before 0.21 draws again); ``restore`` puts them
+    back once the model is loaded (``post_model_load``). Tensors on the meta
+    device or partitioned to nothing (DeepSpeed ZeRO-3) are not kept: axolotl
+    does not draw those again either."""
+
+    def __init__(self) -> None:
+        self.kept: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def take(self, model: torch.nn.Module) -> None:
+        self.kept = {
+            name: param.detach().clone()
+            for name, param in model.named_parameters()
+            if ".lora_A." in name and not param.is_meta and param.numel() > 0
+        }
+
+    @torch.no_grad()
+    def restore(self, model: torch.nn.Module) -> int:
+        """Put PEFT's draws back where they were replaced; how many were."""
+        restored = 0
+        for name, param in model.named_parameters():
+            kept = self.kept.get(name)
+            if kept is not None and kept.shape == param.shape and not torch.equal(kept, param.detach()):
+                param.copy_(kept)
+                restored += 1
+        self.kept = {}
+        return restored
+
+
 class RankingProbe:
     """The gate gradient at the gates' starting value, on one micro-batch."""
 
