@@ -210,6 +210,26 @@ LAUNCH_TIMEOUT_S = 300
 MULTIPROC_SETTINGS = {"dataset_processes": 1, "ila_gate_steps": 8, "ila_warmup_max_steps": 6, "max_steps": 10}
 
 
+def equal_label_datasets(workspace: dict[str, Path], out: Path, rows: int = 256, length: int = 48) -> list[dict[str, str]]:
+    """``datasets:`` of pre-tokenized rows that all carry ``length - 1`` label
+    tokens (random ids of the workspace's vocabulary), for the tests that compare
+    two ranks with one process of two accumulation steps.
+
+    With every micro-batch holding as many label tokens as every other, how a
+    trainer weighs micro-batches makes no difference, and such a test compares
+    only the averaging across ranks: axolotl 0.19 weighs every micro-batch's mean
+    alike, in one process or two; axolotl 0.21 weighs the label tokens of an
+    accumulated batch alike, but under DDP (and DeepSpeed) each rank's own mean
+    alike, as it sets average_tokens_across_devices: false."""
+    import torch
+
+    vocab_size = json.loads((workspace["model"] / "config.json").read_text(encoding="utf-8"))["vocab_size"]
+    ids = torch.randint(3, vocab_size, (rows, length), generator=torch.Generator().manual_seed(0)).tolist()
+    path = out / "data" / "equal-labels.jsonl"
+    write_jsonl(path, [{"input_ids": r, "attention_mask": [1] * length, "labels": r} for r in ids])
+    return [{"path": str(path), "ds_type": "json", "type": "completion"}]
+
+
 @dataclass
 class Launch:
     returncode: int

@@ -28,6 +28,7 @@ from helpers import (
     check,
     check_full_finetuning,
     check_resumed_from_the_ranking,
+    equal_label_datasets,
     kept_and_dropped,
     killed_then_resumed,
     load_tensors,
@@ -78,9 +79,11 @@ def check_deepspeed(run, stage: int):
 @pytest.fixture(scope="module")
 def lora_cfg(tiny_llama, tmp_path_factory) -> dict:
     """test_multiproc's ``two_ranks`` config: sequential data order (rank 0 takes
-    micro-batch 0, rank 1 micro-batch 1)."""
+    micro-batch 0, rank 1 micro-batch 1), rows of equal label counts
+    (``equal_label_datasets``)."""
     out = tmp_path_factory.mktemp("deepspeed-lora")
-    return make_config(tiny_llama, out, ila_ranking=str(out / "unused.json"), curriculum_sampling=True, **MULTIPROC_SETTINGS)
+    return make_config(tiny_llama, out, ila_ranking=str(out / "unused.json"), curriculum_sampling=True, **MULTIPROC_SETTINGS,
+                       datasets=equal_label_datasets(tiny_llama, out))
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from helpers import (
     check_full_finetuning,
     check_resumed_from_the_ranking,
     check_sharded,
+    equal_label_datasets,
     kept_and_dropped,
     killed_then_resumed,
     launch,
@@ -49,11 +50,13 @@ def two_ranks(tiny_llama, tmp_path_factory) -> dict:
     ``curriculum_sampling`` (sequential order, no shuffle) makes the data order
     reproducible by a one-process run for the averaging test: rank 0 takes
     micro-batch 0, rank 1 micro-batch 1, exactly the two micro-batches one process
-    sees in one step with ``gradient_accumulation_steps: 2``.
+    sees in one step with ``gradient_accumulation_steps: 2``. Every row has the
+    same number of label tokens (``equal_label_datasets``).
     """
     out = tmp_path_factory.mktemp("two-ranks")
     ranking = out / "rankings" / "tiny-llama.json"
-    cfg = make_config(tiny_llama, out, ila_ranking=str(ranking), curriculum_sampling=True, **MULTIPROC_SETTINGS)
+    cfg = make_config(tiny_llama, out, ila_ranking=str(ranking), curriculum_sampling=True, **MULTIPROC_SETTINGS,
+                      datasets=equal_label_datasets(tiny_llama, out))
     run = check(launch(write_config(cfg, out / "config.yml"), launcher="torchrun"))
     return {"out": out, "ranking": ranking, "run": run, "cfg": cfg}
 
