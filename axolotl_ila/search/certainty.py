@@ -56,6 +56,17 @@ def certainty(search: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def comparison(info: dict[str, Any]) -> str:
+    """A stage's last check (``stage_certainty``), in words."""
+    if info["compared_steps"] is None:
+        return "too short to compare its order with an earlier one"
+    earlier, last = info["compared_steps"]
+    return (
+        f"order at step {last} against step {earlier}: rank correlation {info['last_spearman']:.2f}, "
+        f"top-75% Jaccard {info['last_top75_jaccard']:.2f}"
+    )
+
+
 # The stages whose "not settled" is a warning (see the module's docstring).
 WARNING_STAGES = ("stage2",)
 
@@ -72,14 +83,9 @@ def certainty_warnings(search: dict[str, Any]) -> list[str]:
         info = stage_certainty(stage)
         if info["settled"]:
             continue
-        if info["compared_steps"] is None:
-            moving = "too short to compare its order with an earlier one"
-        else:
-            earlier, last = info["compared_steps"]
-            moving = (
-                f"its order at step {last} against step {earlier}: rank correlation {info['last_spearman']:.2f}, "
-                f"top-75% Jaccard {info['last_top75_jaccard']:.2f} (settled needs {info['agreement']:g})"
-            )
+        moving = comparison(info)
+        if info["compared_steps"] is not None:
+            moving = f"its {moving} (settled needs {info['agreement']:g})"
         why = "ran to its cap" if info["stop_reason"] == "cap" else f"stopped ({info['stop_reason']})"
         planned = stage.get("planned_training_steps")
         if key == "stage1" and planned:
@@ -101,14 +107,7 @@ def certainty_figures(search: dict[str, Any]) -> list[str]:
         if not isinstance(stage, dict):
             continue
         info = stage_certainty(stage)
-        if info["compared_steps"] is None:
-            moving = "too short to compare its order with an earlier one"
-        else:
-            earlier, last = info["compared_steps"]
-            moving = (
-                f"order at step {last} against step {earlier}: rank correlation {info['last_spearman']:.2f}, "
-                f"top-75% Jaccard {info['last_top75_jaccard']:.2f}"
-            )
+        moving = comparison(info)
         verdict = "settled" if info["settled"] else "still moving"
         lines.append(f"{_NAMES[key]}: {info['steps']}/{info['max_steps']} steps ({info['stop_reason']}), {moving}: {verdict}")
     return lines
