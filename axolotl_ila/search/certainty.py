@@ -19,11 +19,6 @@ from __future__ import annotations
 
 from typing import Any
 
-# The key that lengthens each stage, and what to do with it.
-_LONGER = {
-    "stage1": "raise ila_warmup_fraction (the cap as a fraction of the planned steps) or set ila_warmup_max_steps",
-    "stage2": "raise ila_gate_steps",
-}
 _NAMES = {"stage1": "warm-up", "stage2": "gates"}
 
 
@@ -67,35 +62,26 @@ def comparison(info: dict[str, Any]) -> str:
     )
 
 
-# The stages whose "not settled" is a warning (see the module's docstring).
-WARNING_STAGES = ("stage2",)
-
-
 def certainty_warnings(search: dict[str, Any]) -> list[str]:
-    """Plain sentences for the log and ``show``: one per warning stage that had
-    not settled, saying how much its order was moving and what to change.
-    Empty for a ranking without search stages (e.g. a combined one)."""
-    out = []
-    for key in WARNING_STAGES:
-        stage = search.get(key)
-        if not isinstance(stage, dict):
-            continue
-        info = stage_certainty(stage)
-        if info["settled"]:
-            continue
-        moving = comparison(info)
-        if info["compared_steps"] is not None:
-            moving = f"its {moving} (settled needs {info['agreement']:g})"
-        why = "ran to its cap" if info["stop_reason"] == "cap" else f"stopped ({info['stop_reason']})"
-        planned = stage.get("planned_training_steps")
-        if key == "stage1" and planned:
-            why += f" ({info['max_steps']} of the {planned} planned steps)"
-        out.append(
-            f"this ranking's {_NAMES[key]} had not settled: it {why} after {info['steps']}/{info['max_steps']} steps "
-            f"with the order still moving ({moving}). Modules whose update was still growing may be ranked too low; "
-            f"to search longer, {_LONGER[key]}, and search again (ila_search: always)."
-        )
-    return out
+    """Plain sentences for the log and ``show``: one if the gates had not
+    settled (the only stage that warns, see the module's docstring), saying how
+    much their order was moving and what to change. Empty for a ranking
+    without search stages (e.g. a combined one)."""
+    stage = search.get("stage2")
+    if not isinstance(stage, dict):
+        return []
+    info = stage_certainty(stage)
+    if info["settled"]:
+        return []
+    moving = comparison(info)
+    if info["compared_steps"] is not None:
+        moving = f"its {moving} (settled needs {info['agreement']:g})"
+    why = "ran to its cap" if info["stop_reason"] == "cap" else f"stopped ({info['stop_reason']})"
+    return [
+        f"this ranking's gates had not settled: it {why} after {info['steps']}/{info['max_steps']} steps "
+        f"with the order still moving ({moving}). Modules whose update was still growing may be ranked too low; "
+        f"to search longer, raise ila_gate_steps, and search again (ila_search: always)."
+    ]
 
 
 def certainty_figures(search: dict[str, Any]) -> list[str]:
